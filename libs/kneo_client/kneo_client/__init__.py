@@ -1,0 +1,1 @@
+"""The kneo CLI and the Python client SDK."""

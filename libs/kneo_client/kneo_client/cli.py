@@ -1,0 +1,348 @@
+"""The ``kneo`` command line (typer). A thin layer over the SDK and the platform bootstrap."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+
+from kneo_client.sdk import AsyncServiceClient, ServiceError
+
+app = typer.Typer(help="Kneo Agent Platform CLI", no_args_is_help=True, pretty_exceptions_enable=False)
+service_app = typer.Typer(help="Run or manage the Kneo service", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect runs", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+app.add_typer(runs_app, name="runs")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED = 1
+EXIT_UNREACHABLE = 5
+EXIT_NOT_FOUND = 4
+EXIT_AUTH = 3
+
+
+def _settings() -> Any:
+    from kneo_events.settings import Settings
+
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic validation of env vars
+        err.print(f"kneo: invalid settings: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _service_url(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("KNEO_SERV_URL") or os.environ.get("KNEO_SERVICE_URL") or None
+
+
+# ----------------------------------------------------------------------------- service
+
+
+@service_app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    reload: Annotated[bool, typer.Option("--reload", help="Accepted for compatibility; has no effect.")] = False,
+) -> None:
+    """Run the Kneo FastAPI service (the whole platform; embedded NATS and Postgres when no URLs are set)."""
+    from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    infra = resolve_infra(settings)
+    try:
+        def ready(url: str | None) -> None:
+            err.print(f"kneo: serving on {url}  (NATS {infra.settings.nats_url}, Postgres "
+                      f"{_redact_dsn(infra.settings.database_url)}); Ctrl-C to stop")
+
+        run_sync(run_platform(infra.settings, ALL_SERVICES, host=host, port=port, on_ready=ready))
+    finally:
+        infra.stop()
+    err.print("kneo: stopped")
+
+
+@service_app.command("run")
+def run_service(
+    service: Annotated[str, typer.Argument(help="gateway | compiler | runner | human | audit | webhooks")],
+    host: Annotated[str, typer.Option(help="Interface to bind (gateway).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind (gateway).")] = 8000,
+) -> None:
+    """Run one service alone against external servers (KNEO_NATS_URL and KNEO_DATABASE_URL)."""
+    from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
+
+    if service not in ALL_SERVICES:
+        err.print(f"kneo: unknown service {service!r}; choose one of {', '.join(ALL_SERVICES)}")
+        raise typer.Exit(2)
+    settings = _settings()
+    configure_logging(settings.log_level)
+    infra = resolve_infra(settings, allow_embedded=False)
+    run_sync(run_platform(infra.settings, (service,), host=host, port=port,
+                          on_ready=lambda url: err.print(f"kneo: {service} running" + (f" on {url}" if url else ""))))
+
+
+@service_app.command("status")
+def status(service_url: Annotated[str | None, typer.Option("--service-url")] = None) -> None:
+    """Show whether the service answers and its readiness checks."""
+    import httpx
+
+    url = _service_url(service_url) or "http://127.0.0.1:8000"
+    try:
+        resp = httpx.get(f"{url}/readyz", timeout=5)
+    except httpx.TransportError:
+        err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    _print_json(resp.json())
+    raise typer.Exit(0 if resp.status_code == 200 else EXIT_FAILED)
+
+
+def _redact_dsn(dsn: str | None) -> str:
+    if not dsn or "@" not in dsn:
+        return dsn or ""
+    scheme, _, rest = dsn.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+
+
+# ----------------------------------------------------------------------------- run
+
+
+async def _submit_and_follow(client: AsyncServiceClient, spec: Path, run_input: str | None, env: str | None,
+                             target: str, follow: bool, as_json: bool) -> dict[str, Any]:
+    spec_text = spec.read_text(encoding="utf-8")
+    if not follow:
+        return await client.create_run(input=run_input, spec=spec_text, environment=env, target=target)
+    body = await client.create_run(input=run_input, spec=spec_text, environment=env, target=target, async_mode=True)
+    run_id = body["run_id"]
+    if not as_json:
+        err.print(f"[bold]run[/bold] {run_id}")
+    current_step = None
+    async for ev in client.stream_run(run_id):
+        if as_json:
+            continue
+        if ev.event == "output":
+            chunk = ev.json()
+            if chunk["step_id"] != current_step:
+                current_step = chunk["step_id"]
+                out.print(f"\n[cyan]▸ {current_step}[/cyan] ", end="")
+            out.print(chunk["text"], end="", soft_wrap=True)
+        elif ev.event in ("run.failed", "run.cancelled", "step.failed", "step.retrying", "step.restarted"):
+            data = ev.json()
+            out.print(f"\n[yellow]{ev.event}[/yellow] {data.get('data', data)}")
+    if not as_json:
+        out.print()
+    return await client.get_run(run_id)
+
+
+def _print_run(state: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(state)
+        return
+    colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(state["status"], "cyan")
+    out.print(f"[bold]status[/bold]  [{colour}]{state['status']}[/{colour}]   run_id {state['run_id']}")
+    for key in ("workflow_name", "visited_steps", "trace_event_count", "error"):
+        if state.get(key) not in (None, [], ""):
+            out.print(f"[bold]{key}[/bold]  {state[key]}")
+    if state.get("output_text"):
+        out.print(f"[bold]output[/bold]  {state['output_text']}")
+
+
+@app.command("run")
+def run_cmd(
+    spec: Annotated[Path, typer.Argument(help="Spec YAML file.", exists=True, dir_okay=False, readable=True)],
+    run_input: Annotated[str | None, typer.Option("--input", help="Input text for the run.")] = None,
+    target: Annotated[str, typer.Option(help="workflow or agent.")] = "workflow",
+    env: Annotated[str | None, typer.Option("--env", help="Project environment (overlay).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final state as JSON.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the run's output live.")] = False,
+    service_url: Annotated[str | None, typer.Option("--service-url", help="Kneo service to use.")] = None,
+) -> None:
+    """Run an agent/workflow spec: on a service when one is given, else on an in-process embedded platform."""
+    url = _service_url(service_url)
+    if url:
+        state = asyncio.run(_run_remote(url, spec, run_input, env, target, follow, as_json))
+    else:
+        state = _run_local(spec, run_input, env, target, follow, as_json)
+    _print_run(state, as_json)
+    raise typer.Exit(0 if state["status"] in ("succeeded", "paused") else EXIT_FAILED)
+
+
+async def _run_remote(url: str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool,
+                      as_json: bool) -> dict[str, Any]:
+    import httpx
+
+    async with AsyncServiceClient(url) as client:
+        try:
+            return await _submit_and_follow(client, spec, run_input, env, target, follow, as_json)
+        except httpx.TransportError:
+            err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        except ServiceError as exc:
+            err.print(f"kneo: {exc}")
+            raise typer.Exit(_exit_for(exc)) from None
+
+
+def _exit_for(exc: ServiceError) -> int:
+    return {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_FAILED)
+
+
+def _run_local(spec: Path, run_input: str | None, env: str | None, target: str, follow: bool,
+               as_json: bool) -> dict[str, Any]:
+    """Start the whole platform in this process (embedded servers), run over HTTP, stop."""
+    from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
+
+    settings = _settings()
+    configure_logging("WARNING")
+    if not as_json:
+        err.print("[dim]starting the embedded platform (NATS + PostgreSQL + services)…[/dim]")
+    infra = resolve_infra(settings)
+    result: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def on_ready(url: str | None) -> None:
+            async def go() -> None:
+                try:
+                    assert url
+                    async with AsyncServiceClient(url) as client:
+                        result.update(await _submit_and_follow(client, spec, run_input, env, target, follow, as_json))
+                except BaseException as exc:  # reported after shutdown
+                    failure.append(exc)
+                finally:
+                    stop.set()
+
+            asyncio.get_running_loop().create_task(go())
+
+        await run_platform(infra.settings, ALL_SERVICES, host="127.0.0.1", port=0, stop=stop, on_ready=on_ready)
+
+    try:
+        run_sync(main())
+    finally:
+        infra.stop()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, ServiceError):
+            err.print(f"kneo: {exc}")
+            raise typer.Exit(_exit_for(exc))
+        raise exc
+    if not result:
+        err.print("kneo: the platform stopped before the run finished")
+        raise typer.Exit(EXIT_FAILED)
+    return result
+
+
+@app.command("demo")
+def demo(
+    run_input: Annotated[str, typer.Option("--input")] = "Analyze Nvidia AI business",
+    spec: Annotated[Path, typer.Option(help="Spec to run.")] = Path("examples/research_agent.yaml"),
+) -> None:
+    """Start the embedded platform, run examples/research_agent.yaml over HTTP, stream its output, stop."""
+    state = _run_local(spec, run_input, None, "workflow", True, False)
+    _print_run(state, False)
+    raise typer.Exit(0 if state["status"] == "succeeded" else EXIT_FAILED)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _remote(service_url: str | None) -> str:
+    return _service_url(service_url) or "http://127.0.0.1:8000"
+
+
+async def _call(url: str, fn: str, *args: Any, **kwargs: Any) -> Any:
+    import httpx
+
+    async with AsyncServiceClient(url) as client:
+        try:
+            return await getattr(client, fn)(*args, **kwargs)
+        except httpx.TransportError:
+            err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        except ServiceError as exc:
+            err.print(f"kneo: {exc}")
+            raise typer.Exit(_exit_for(exc)) from None
+
+
+ServiceUrl = Annotated[str | None, typer.Option("--service-url", help="Kneo service URL.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@runs_app.command("get")
+def runs_get(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """Show a run's state."""
+    _print_run(asyncio.run(_call(_remote(service_url), "get_run", run_id)), as_json)
+
+
+@runs_app.command("list")
+def runs_list(
+    status: Annotated[str | None, typer.Option(help="Filter by status.")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 20,
+    offset: Annotated[int, typer.Option(help="Offset.")] = 0,
+    service_url: ServiceUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List runs, newest first."""
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if status:
+        params["status"] = status
+    page = asyncio.run(_call(_remote(service_url), "list_runs", **params))
+    if as_json:
+        _print_json(page)
+        return
+    from rich.table import Table
+
+    table = Table("run_id", "status", "workflow", "created_at")
+    for r in page["runs"]:
+        table.add_row(r["run_id"], r["status"], r.get("workflow_name") or "", r.get("created_at") or "")
+    out.print(table)
+    out.print(f"{page['count']} of {page['total']}")
+
+
+@runs_app.command("events")
+def runs_events(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """Show a run's event history."""
+    page = asyncio.run(_call(_remote(service_url), "run_events", run_id))
+    if as_json:
+        _print_json(page)
+        return
+    for ev in page["events"]:
+        out.print(f"{ev['version']:>4}  {ev['recorded_at']}  [bold]{ev['type']}[/bold]")
+
+
+@runs_app.command("watch")
+def runs_watch(run_id: str, service_url: ServiceUrl = None) -> None:
+    """Follow a run live (events and output) until it ends."""
+
+    async def go() -> None:
+        async with AsyncServiceClient(_remote(service_url)) as client:
+            async for ev in client.stream_run(run_id):
+                if ev.event == "output":
+                    out.print(ev.json()["text"], end="")
+                else:
+                    out.print(f"\n[bold]{ev.event}[/bold] (v{ev.id})")
+        out.print()
+
+    asyncio.run(go())
+
+
+def main() -> None:
+    """Entry point of the ``kneo`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

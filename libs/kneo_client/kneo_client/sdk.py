@@ -1,0 +1,159 @@
+"""Python client SDK for the Kneo service (httpx).
+
+``AsyncServiceClient.stream_run`` follows a run over SSE and resumes with ``Last-Event-ID`` after a dropped
+connection, so a caller sees every event once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ServiceError(Exception):
+    """The service answered with an error envelope."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+        code = body.get("error") if isinstance(body, dict) else None
+        message = body.get("message") if isinstance(body, dict) else str(body)
+        super().__init__(f"{status} {code or ''}: {message}".strip())
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One server-sent event."""
+
+    event: str
+    data: str
+    id: str | None
+
+    def json(self) -> Any:
+        """The data parsed as JSON."""
+        return orjson.loads(self.data)
+
+
+def _api_key() -> str | None:
+    return os.environ.get("KNEO_API_KEY") or os.environ.get("KNEO_SERV_API_KEY") or None
+
+
+class AsyncServiceClient:
+    """Async client for the Kneo face."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0) -> None:
+        headers = {}
+        key = api_key or _api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncServiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.http.aclose()
+
+    @staticmethod
+    def _check(resp: httpx.Response) -> Any:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        if resp.status_code >= 400:
+            raise ServiceError(resp.status_code, body)
+        return body
+
+    async def create_run(self, *, input: str | None = None, spec_path: str | None = None,
+                         spec: str | dict[str, Any] | None = None, environment: str | None = None,
+                         target: str = "workflow", async_mode: bool = False,
+                         metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /v1/runs``."""
+        payload: dict[str, Any] = {"input": input, "target": target, "async_mode": async_mode}
+        if spec_path is not None:
+            payload["spec_path"] = spec_path
+        if spec is not None:
+            payload["spec"] = spec
+        if environment is not None:
+            payload["environment"] = environment
+        if metadata is not None:
+            payload["metadata"] = metadata
+        result: dict[str, Any] = self._check(await self.http.post("/v1/runs", json=payload))
+        return result
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}"))
+        return result
+
+    async def list_runs(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/runs``."""
+        result: dict[str, Any] = self._check(await self.http.get("/v1/runs", params=params))
+        return result
+
+    async def run_events(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/events``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/events"))
+        return result
+
+    async def stream_run(self, run_id: str, last_event_id: str | None = None,
+                         max_reconnects: int = 10) -> AsyncIterator[SseEvent]:
+        """Follow ``GET /v1/runs/{run_id}/stream``; reconnects with ``Last-Event-ID`` after a dropped connection."""
+        reconnects = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                async with self.http.stream("GET", f"/v1/runs/{run_id}/stream", headers=headers,
+                                            timeout=httpx.Timeout(30.0, read=60.0)) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        self._check(resp)
+                    async for ev in parse_sse(resp.aiter_lines()):
+                        if ev.id:
+                            last_event_id = ev.id
+                        yield ev
+                return  # the server ended the stream after the terminal event
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                reconnects += 1
+                if reconnects > max_reconnects:
+                    raise
+                await asyncio.sleep(min(2.0, 0.1 * 2**reconnects))
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
+    """Parse an SSE line stream into events (comments and pings skipped)."""
+    event, data, eid = "message", [], None
+    async for line in lines:
+        if line == "":
+            if data:
+                yield SseEvent(event, "\n".join(data), eid)
+            event, data, eid = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "event":
+            event = value
+        elif key == "data":
+            data.append(value)
+        elif key == "id":
+            eid = value
+    if data:
+        yield SseEvent(event, "\n".join(data), eid)

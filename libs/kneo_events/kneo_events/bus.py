@@ -1,0 +1,273 @@
+"""The bus: NATS JetStream streams, durable pull consumers, publishing.
+
+We drive nats-py directly (rather than through FastStream's subscriber decorators) because the hot path needs
+batched pulls with a per-message ack decided *after* the handler's events commit, ``nak(delay)`` for backoff,
+in-progress acks for long steps and our own dead-letter step; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from kneo_events import subjects
+from kneo_events.schemas import Command, RecordedEvent, dumps, loads
+from kneo_events.settings import Settings
+
+log = logging.getLogger("kneo.bus")
+
+CommandHandler = Callable[[Command, Msg], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """The JetStream stream names (prefixed when several platforms share one server)."""
+
+    commands: str
+    events: str
+    output: str
+
+    @classmethod
+    def from_prefix(cls, prefix: str) -> StreamNames:
+        """Names with an optional prefix (tests give each session its own)."""
+        p = f"{prefix}_" if prefix else ""
+        return cls(p + subjects.COMMANDS_STREAM, p + subjects.EVENTS_STREAM, p + subjects.OUTPUT_STREAM)
+
+
+class Bus:
+    """One NATS connection per process, with JetStream."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings) -> None:
+        self.nc = nc
+        self.js = js
+        self.settings = settings
+        self.names = StreamNames.from_prefix(settings.bus_prefix)
+        self.subject_prefix = f"{settings.bus_prefix}." if settings.bus_prefix else ""
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str = "kneo") -> Bus:
+        """Connect to ``settings.nats_url`` (bounded) and declare the streams."""
+        assert settings.nats_url, "nats_url must be resolved before connecting"
+        nc = await nats.connect(
+            settings.nats_url,
+            name=name,
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+        )
+        bus = cls(nc, nc.jetstream(timeout=10), settings)
+        await bus.ensure_streams()
+        return bus
+
+    async def close(self) -> None:
+        """Drain and close the connection (bounded)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+
+    def subject(self, raw: str) -> str:
+        """Apply the platform's subject prefix."""
+        return self.subject_prefix + raw
+
+    # ----------------------------------------------------------------- declaration
+
+    async def ensure_streams(self) -> None:
+        """Create or update KNEO_COMMANDS, KNEO_EVENTS and KNEO_OUTPUT (idempotent)."""
+        s = self.settings
+        configs = [
+            api.StreamConfig(
+                name=self.names.commands,
+                subjects=[self.subject("kneo.cmd.>")],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=120.0,
+            ),
+            api.StreamConfig(
+                name=self.names.events,
+                subjects=[self.subject("kneo.evt.>")],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=s.events_max_age_days * 86400.0,
+                duplicate_window=120.0,
+            ),
+            api.StreamConfig(
+                name=self.names.output,
+                subjects=[self.subject("kneo.out.>")],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.MEMORY,
+                max_age=s.output_max_age_seconds,
+            ),
+        ]
+        for cfg in configs:
+            try:
+                await self.js.add_stream(cfg)
+            except BadRequestError:
+                await self.js.update_stream(cfg)
+
+    def consumer_name(self, service: str) -> str:
+        """The durable consumer of one service's commands."""
+        return f"{self.settings.bus_prefix + '_' if self.settings.bus_prefix else ''}kneo-{service}"
+
+    async def ensure_consumer(self, service: str) -> None:
+        """Create the service's durable pull consumer (shared by all its copies)."""
+        cfg = api.ConsumerConfig(
+            durable_name=self.consumer_name(service),
+            filter_subject=self.subject(subjects.service_commands(service)),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.command_ack_wait_seconds,
+            max_deliver=-1,  # the handler dead-letters after command_max_deliveries, see consume()
+            max_ack_pending=10_000,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        try:
+            await self.js.add_consumer(self.names.commands, cfg)
+        except BadRequestError:
+            log.debug("consumer %s exists", cfg.durable_name)
+
+    # ----------------------------------------------------------------- publishing
+
+    async def publish_command(self, cmd: Command, msg_id: str | None = None) -> None:
+        """Publish a command; JetStream de-duplicates on ``msg_id`` (default: the command id)."""
+        await self.js.publish(
+            self.subject(subjects.command(cmd.service, cmd.name)),
+            dumps(cmd),
+            stream=self.names.commands,
+            headers={"Nats-Msg-Id": msg_id or cmd.command_id},
+        )
+
+    def event_subject(self, ev: RecordedEvent) -> str:
+        """The subject of one committed event."""
+        stype, key = subjects.split_stream_id(ev.stream_id)
+        return self.subject(subjects.event(stype, key, ev.type))
+
+    async def publish_events(self, events: Sequence[RecordedEvent]) -> None:
+        """Publish committed events (``Nats-Msg-Id = event_id``) and wait for every ack."""
+        futures = [
+            await self.js.publish_async(
+                self.event_subject(ev),
+                dumps(ev.wire()),
+                headers={"Nats-Msg-Id": str(ev.event_id)},
+                wait_stall=5.0,
+            )
+            for ev in events
+        ]
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+
+    async def publish_output(self, run_id: str, chunk: dict[str, object]) -> None:
+        """Publish an ephemeral output chunk (no ack wait: chunks are best-effort by design)."""
+        await self.nc.publish(self.subject(subjects.run_output(run_id)), dumps(chunk))
+
+    # ----------------------------------------------------------------- consuming
+
+    async def consume(
+        self,
+        service: str,
+        handler: CommandHandler,
+        on_dead_letter: Callable[[Command, Msg, BaseException], Awaitable[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Pull commands in batches and run ``handler`` on each, concurrently (bounded).
+
+        The handler's outcome decides the ack: return → ack; raise → nak with exponential backoff; past
+        ``command_max_deliveries`` → ``on_dead_letter`` records a failure event and the command is acked, so a
+        poison command never blocks the queue.
+        """
+        await self.ensure_consumer(service)
+        psub = await self.js.pull_subscribe_bind(
+            self.consumer_name(service), stream=self.names.commands, inbox_prefix=self.nc.new_inbox().encode()
+        )
+        sem = asyncio.Semaphore(self.settings.consumer_concurrency)
+        async with asyncio.TaskGroup() as tg:
+            while not stop.is_set():
+                try:
+                    msgs = await psub.fetch(self.settings.consumer_batch, timeout=1.0, heartbeat=0.4)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # connection trouble: the client reconnects; don't spin
+                    if stop.is_set():
+                        break
+                    log.warning("fetch failed on %s: %s", service, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    await sem.acquire()
+                    tg.create_task(self._handle(msg, handler, on_dead_letter, sem))
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+
+    async def _handle(
+        self,
+        msg: Msg,
+        handler: CommandHandler,
+        on_dead_letter: Callable[[Command, Msg, BaseException], Awaitable[None]],
+        sem: asyncio.Semaphore,
+    ) -> None:
+        try:
+            try:
+                cmd = Command.model_validate(loads(msg.data))
+            except Exception as exc:  # unparseable: nothing can ever handle it
+                log.error("dropping malformed command on %s: %s", msg.subject, exc)
+                await msg.term()
+                return
+            try:
+                await handler(cmd, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                deliveries = msg.metadata.num_delivered
+                if deliveries >= self.settings.command_max_deliveries:
+                    log.error("dead-lettering %s after %d deliveries: %r", cmd.command_id, deliveries, exc)
+                    await on_dead_letter(cmd, msg, exc)
+                    await msg.ack()
+                else:
+                    delay = self.settings.command_retry_backoff_seconds * (2 ** (deliveries - 1))
+                    log.warning("command %s failed (delivery %d), retry in %.2fs: %r", cmd.command_id,
+                                deliveries, delay, exc)
+                    await msg.nak(delay=delay)
+                return
+            if not msg._ackd:  # the handler may have acked/nakked itself
+                await msg.ack()
+        except Exception:
+            log.exception("ack failed for %s", msg.subject)
+        finally:
+            sem.release()
+
+    @contextlib.asynccontextmanager
+    async def keep_alive(self, msg: Msg, interval: float) -> AsyncIterator[None]:
+        """Send in-progress acks every ``interval`` seconds while the block runs (long steps)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def subscribe_core(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> object:
+        """A plain (non-JetStream) subscription, for live fan-out to SSE clients."""
+        return await self.nc.subscribe(self.subject(subject), cb=cb)
+
+
+async def delete_streams(bus: Bus) -> None:
+    """Remove the platform's streams (tests use this to clean up a prefixed platform)."""
+    for name in (bus.names.commands, bus.names.events, bus.names.output):
+        with contextlib.suppress(NotFoundError):
+            await bus.js.delete_stream(name)

@@ -1,0 +1,192 @@
+"""Projections: pure folds of a stream into state, and the inline projectors that keep tables current.
+
+``fold_run`` is the one definition of a run's state. The store calls the run projector inside the append's
+transaction, so a read right after a write sees it; ``rebuild_runs`` replays the whole log into the same tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from kneo_events.schemas import JSON, RecordedEvent
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired", "timed_out"})
+RUN_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled", "expired", "timed_out")
+
+
+def initial_run_state() -> JSON:
+    """The state of a run before its first event."""
+    return {
+        "run_id": None,
+        "status": "queued",
+        "agent_name": None,
+        "workflow_name": None,
+        "workflow_kind": None,
+        "current_step_index": 0,
+        "current_node_id": None,
+        "visited_steps": [],
+        "visited_nodes": [],
+        "trace_event_count": 0,
+        "output_text": None,
+        "error": None,
+        "metadata": {},
+        "input": None,
+        "face": "kneo",
+        "step_count": 0,
+        "step_outputs": {},
+        "next_step": None,
+        "checkpoint_count": 0,
+        "created_at": None,
+        "updated_at": None,
+        "version": 0,
+    }
+
+
+def fold_run(state: JSON | None, events: Iterable[RecordedEvent]) -> JSON:
+    """Fold run events into state (pure: no I/O, no clock; a terminal status never changes)."""
+    s: JSON = dict(state) if state is not None else initial_run_state()
+    for ev in events:
+        _apply(s, ev.type, ev.data, ev.recorded_at)
+        s["version"] = ev.version
+        s["trace_event_count"] = int(s["trace_event_count"]) + 1
+        s["updated_at"] = ev.recorded_at.isoformat()
+    return s
+
+
+def _set_status(s: JSON, status: str) -> None:
+    if s["status"] not in TERMINAL_STATUSES:
+        s["status"] = status
+
+
+def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:  # noqa: C901 - one branch per event type
+    if etype == "run.created":
+        s["run_id"] = d["run_id"]
+        s["input"] = d.get("input")
+        s["face"] = d.get("face", "kneo")
+        meta = dict(d.get("metadata") or {})
+        if d.get("environment"):
+            meta["environment"] = d["environment"]
+        s["metadata"] = meta
+        s["created_at"] = at.isoformat()
+        spec = d.get("spec") or {}
+        s["workflow_name"] = _spec_workflow_name(spec)
+        s["agent_name"] = _spec_agent_name(spec)
+    elif etype == "run.compiled":
+        s["agent_name"] = d.get("agent_name") or s["agent_name"]
+        s["workflow_name"] = d.get("workflow_name") or s["workflow_name"]
+        s["workflow_kind"] = d.get("workflow_kind")
+        s["step_count"] = d.get("step_count", 0)
+        s["metadata"] = {**s["metadata"], "plan_hash": d.get("plan_hash"), "workflow_kind": d.get("workflow_kind")}
+    elif etype == "step.scheduled":
+        s["next_step"] = {
+            "step_index": d["step_index"],
+            "step_id": d["step_id"],
+            "attempt": d.get("attempt", 1),
+            "command_id": d["command_id"],
+        }
+        s["current_step_index"] = d["step_index"]
+        s["current_node_id"] = d["step_id"]
+        _set_status(s, "running")
+    elif etype == "step.started":
+        _set_status(s, "running")
+    elif etype == "step.completed":
+        sid = d["step_id"]
+        s["step_outputs"] = {**s["step_outputs"], sid: d.get("output")}
+        s["visited_steps"] = [*s["visited_steps"], sid]
+        s["visited_nodes"] = [*s["visited_nodes"], sid]
+        s["current_step_index"] = int(d["step_index"]) + 1
+        s["next_step"] = None
+        out = d.get("output")
+        s["output_text"] = out if isinstance(out, str) else s["output_text"]
+    elif etype == "step.retrying":
+        s["error"] = d.get("error")
+    elif etype == "step.failed":
+        s["error"] = d.get("error")
+        s["next_step"] = None
+    elif etype == "checkpoint.saved":
+        s["checkpoint_count"] = int(s["checkpoint_count"]) + 1
+    elif etype == "run.succeeded":
+        if s["status"] not in TERMINAL_STATUSES:
+            s["output_text"] = d.get("output_text", s["output_text"])
+        _set_status(s, "succeeded")
+        s["next_step"] = None
+    elif etype == "run.failed":
+        if s["status"] not in TERMINAL_STATUSES:
+            s["error"] = d.get("error")
+            if d.get("diagnostics"):
+                s["metadata"] = {**s["metadata"], "diagnostics": d["diagnostics"]}
+        _set_status(s, "failed")
+        s["next_step"] = None
+    elif etype == "run.cancelled":
+        _set_status(s, "cancelled")
+        s["next_step"] = None
+
+
+def _spec_workflow_name(spec: JSON) -> str | None:
+    wf = spec.get("workflow")
+    return wf.get("name") if isinstance(wf, dict) else None
+
+
+def _spec_agent_name(spec: JSON) -> str | None:
+    agent = spec.get("agent")
+    return agent.get("name") if isinstance(agent, dict) else None
+
+
+async def project_run(conn: asyncpg.Connection, stream_id: str, events: list[RecordedEvent]) -> None:
+    """Inline projector for ``run-*`` streams: keeps ``runs`` and ``run_plans`` current in the append's txn."""
+    run_id = stream_id.removeprefix("run-")
+    row = await conn.fetchrow("SELECT state FROM runs WHERE run_id = $1", run_id)
+    state = fold_run(row["state"] if row else None, events)
+    await _upsert_run(conn, run_id, state)
+    for ev in events:
+        if ev.type == "run.compiled":
+            await conn.execute(
+                "INSERT INTO run_plans (run_id, plan_hash, plan) VALUES ($1, $2, $3) "
+                "ON CONFLICT (run_id) DO UPDATE SET plan_hash = EXCLUDED.plan_hash, plan = EXCLUDED.plan",
+                run_id,
+                ev.data["plan_hash"],
+                ev.data["plan"],
+            )
+
+
+async def _upsert_run(conn: asyncpg.Connection, run_id: str, state: JSON) -> None:
+    await conn.execute(
+        """
+        INSERT INTO runs (run_id, status, workflow_name, face, version, state, created_at, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::text::timestamptz, $8::text::timestamptz)
+        ON CONFLICT (run_id) DO UPDATE SET status = EXCLUDED.status, workflow_name = EXCLUDED.workflow_name,
+            version = EXCLUDED.version, state = EXCLUDED.state, updated_at = EXCLUDED.updated_at
+        """,
+        run_id,
+        state["status"],
+        state["workflow_name"],
+        state["face"],
+        state["version"],
+        state,
+        state["created_at"] or state["updated_at"],
+        state["updated_at"],
+    )
+
+
+INLINE_PROJECTORS: dict[str, Any] = {"run": project_run}
+
+
+async def rebuild_runs(conn: asyncpg.Connection, batch: int = 1000) -> int:
+    """Truncate the run projections and fold the whole log into them again. Returns runs rebuilt."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE runs, run_plans IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE runs, run_plans")
+        streams = await conn.fetch("SELECT DISTINCT stream_id FROM events WHERE stream_id LIKE 'run-%'")
+        for rec in streams:
+            rows = await conn.fetch(
+                "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, "
+                "metadata, recorded_at FROM events WHERE stream_id = $1 ORDER BY version",
+                rec["stream_id"],
+            )
+            evs = [RecordedEvent(**dict(r)) for r in rows]
+            await project_run(conn, rec["stream_id"], evs)
+    return len(streams)

@@ -1,0 +1,315 @@
+"""Event and command envelopes and the versioned payload models.
+
+Payload models at the edges (commands) forbid unknown fields; stored-event payloads are tolerant (``extra="allow"``)
+so that fields written by a newer or older version survive a read. One registry maps event type names to models;
+nothing builds event dicts by hand.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from kneo_events.ids import new_event_id
+
+JSON = dict[str, Any]
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize with orjson (the one JSON encoder of the platform)."""
+    return orjson.dumps(value, default=_default)
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON with orjson."""
+    return orjson.loads(raw)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+class EventPayload(BaseModel):
+    """Base of stored-event payloads: tolerant of unknown fields, versioned by ``schema_version``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: ClassVar[str] = ""
+    schema_version: ClassVar[int] = 1
+
+
+class NewEvent(BaseModel):
+    """An event about to be appended."""
+
+    model_config = ConfigDict(frozen=True)
+    type: str
+    data: JSON
+    metadata: JSON = Field(default_factory=dict)
+    event_id: uuid.UUID = Field(default_factory=new_event_id)
+
+
+class RecordedEvent(BaseModel):
+    """An event as stored: its global position, stream version and commit transaction."""
+
+    model_config = ConfigDict(frozen=True)
+    position: int
+    tx_id: int
+    stream_id: str
+    version: int
+    event_id: uuid.UUID
+    type: str
+    data: JSON
+    metadata: JSON
+    recorded_at: datetime
+
+    def wire(self) -> JSON:
+        """The JSON shape published on the bus and sent over SSE."""
+        return {
+            "position": self.position,
+            "tx_id": self.tx_id,
+            "stream_id": self.stream_id,
+            "version": self.version,
+            "event_id": str(self.event_id),
+            "type": self.type,
+            "data": self.data,
+            "metadata": self.metadata,
+            "recorded_at": self.recorded_at.isoformat(),
+        }
+
+    @classmethod
+    def from_wire(cls, raw: JSON) -> RecordedEvent:
+        """Inverse of :meth:`wire`."""
+        return cls.model_validate(raw)
+
+
+_REGISTRY: dict[str, type[EventPayload]] = {}
+P = TypeVar("P", bound=EventPayload)
+
+
+def register(model: type[P]) -> type[P]:
+    """Class decorator: register a payload model under its ``type``."""
+    if not model.type or model.type in _REGISTRY:
+        raise ValueError(f"bad or duplicate event type {model.type!r}")
+    _REGISTRY[model.type] = model
+    return model
+
+
+def payload_model(event_type: str) -> type[EventPayload] | None:
+    """The registered payload model of an event type, if any."""
+    return _REGISTRY.get(event_type)
+
+
+def event_types() -> list[str]:
+    """Every registered event type (the event catalogue)."""
+    return sorted(_REGISTRY)
+
+
+def upcast(event_type: str, data: JSON) -> EventPayload:
+    """Parse a stored payload into its model; unknown fields survive as extras."""
+    model = _REGISTRY.get(event_type)
+    if model is None:
+        raise KeyError(event_type)
+    version = int(data.get("_v", 1))
+    if version > model.schema_version:
+        # A newer writer: keep everything, the extras carry what we don't know.
+        pass
+    return model.model_validate({k: v for k, v in data.items() if k != "_v"})
+
+
+def new_event(payload: EventPayload, metadata: JSON | None = None) -> NewEvent:
+    """Build a :class:`NewEvent` from a registered payload model."""
+    data = payload.model_dump(mode="json")
+    if payload.schema_version != 1:
+        data["_v"] = payload.schema_version
+    return NewEvent(type=payload.type, data=data, metadata=metadata or {})
+
+
+# ---------------------------------------------------------------- run events
+
+
+@register
+class RunCreated(EventPayload):
+    """A run was accepted: its input, its spec and how it was asked for."""
+
+    type: ClassVar[str] = "run.created"
+    run_id: str
+    input: Any = None
+    spec: JSON
+    spec_path: str | None = None
+    target: str = "workflow"
+    environment: str | None = None
+    async_mode: bool = False
+    metadata: JSON = Field(default_factory=dict)
+    face: str = "kneo"
+    timeout_seconds: float | None = None
+
+
+@register
+class RunCompiled(EventPayload):
+    """The compiler turned the spec into an executable plan."""
+
+    type: ClassVar[str] = "run.compiled"
+    plan: JSON
+    plan_hash: str
+    agent_name: str | None = None
+    workflow_name: str | None = None
+    workflow_kind: str = "sequential"
+    step_count: int
+
+
+@register
+class StepScheduled(EventPayload):
+    """Intent: the runner must execute this step next (recorded before the command is sent)."""
+
+    type: ClassVar[str] = "step.scheduled"
+    step_index: int
+    step_id: str
+    attempt: int = 1
+    command_id: str
+
+
+@register
+class StepStarted(EventPayload):
+    """A runner took the step (recorded on a retry or a redelivery, for the trace)."""
+
+    type: ClassVar[str] = "step.started"
+    step_index: int
+    step_id: str
+    attempt: int = 1
+    runner: str | None = None
+
+
+@register
+class StepCompleted(EventPayload):
+    """A step finished; ``output`` is its final message."""
+
+    type: ClassVar[str] = "step.completed"
+    step_index: int
+    step_id: str
+    output: Any = None
+    attempt: int = 1
+    chunks: int = 0
+    duration_ms: float = 0.0
+
+
+@register
+class StepFailed(EventPayload):
+    """A step failed for good (after its retries)."""
+
+    type: ClassVar[str] = "step.failed"
+    step_index: int
+    step_id: str
+    error: str
+    attempt: int = 1
+    retryable: bool = False
+
+
+@register
+class StepRetrying(EventPayload):
+    """A step failed and will be tried again after ``backoff_seconds``."""
+
+    type: ClassVar[str] = "step.retrying"
+    step_index: int
+    step_id: str
+    error: str
+    attempt: int
+    backoff_seconds: float
+
+
+@register
+class CheckpointSaved(EventPayload):
+    """The folded run state after a step boundary (the checkpoint)."""
+
+    type: ClassVar[str] = "checkpoint.saved"
+    sequence: int
+    step_index: int
+    step_id: str
+    state: JSON
+
+
+@register
+class RunSucceeded(EventPayload):
+    """The run finished; ``output_text`` is its result."""
+
+    type: ClassVar[str] = "run.succeeded"
+    output_text: str | None = None
+
+
+@register
+class RunFailed(EventPayload):
+    """The run failed; ``diagnostics`` when the spec was the reason."""
+
+    type: ClassVar[str] = "run.failed"
+    error: str
+    code: str = "run_failed"
+    diagnostics: list[JSON] = Field(default_factory=list)
+    step_id: str | None = None
+
+
+@register
+class RunCancelled(EventPayload):
+    """The run was cancelled (a terminal fact; a late completion can never overwrite it)."""
+
+    type: ClassVar[str] = "run.cancelled"
+    reason: str | None = None
+
+
+@register
+class CommandDeadLettered(EventPayload):
+    """A command kept failing past its delivery limit; recorded so the queue moves on."""
+
+    type: ClassVar[str] = "command.dead_lettered"
+    command_id: str
+    name: str
+    deliveries: int
+    error: str
+
+
+# ---------------------------------------------------------------- commands
+
+
+class Command(BaseModel):
+    """A command on ``kneo.cmd.<service>.<name>``. ``command_id`` makes its effects idempotent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    command_id: str
+    service: str
+    name: str
+    stream_id: str
+    data: JSON = Field(default_factory=dict)
+    metadata: JSON = Field(default_factory=dict)
+    issued_at: datetime | None = None
+
+
+def compile_run_command(run_id: str, stream_id: str, metadata: JSON) -> Command:
+    """The command that asks the compiler to compile a new run's spec."""
+    return Command(
+        command_id=f"{run_id}:compile",
+        service="compiler",
+        name="compile_run",
+        stream_id=stream_id,
+        data={"run_id": run_id},
+        metadata=metadata,
+    )
+
+
+def execute_step_command(run_id: str, stream_id: str, scheduled: StepScheduled, metadata: JSON) -> Command:
+    """The command that asks a runner to execute one scheduled step."""
+    return Command(
+        command_id=scheduled.command_id,
+        service="runner",
+        name="execute_step",
+        stream_id=stream_id,
+        data={"run_id": run_id, "step_index": scheduled.step_index, "attempt": scheduled.attempt},
+        metadata=metadata,
+    )
+
+
+def step_command_id(run_id: str, step_index: int, attempt: int) -> str:
+    """Deterministic command id of one attempt of one step."""
+    return f"{run_id}:step:{step_index}:{attempt}"

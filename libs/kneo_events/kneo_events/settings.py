@@ -1,0 +1,88 @@
+"""Platform settings (pydantic-settings), built once at start-up and passed down; never read at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform, with the documented defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    # --- infrastructure (unset → embedded servers under data_dir)
+    nats_url: str | None = Field(default=None, validation_alias=AliasChoices("KNEO_NATS_URL"))
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_DATABASE_URL", "KNEO_SERV_DATABASE_URL")
+    )
+    database_schema: str = Field(default="public", validation_alias=AliasChoices("KNEO_DATABASE_SCHEMA"))
+    data_dir: Path = Field(default=Path(".kneo"), validation_alias=AliasChoices("KNEO_DATA_DIR"))
+    embedded_nats_port: int = Field(default=4250, validation_alias=AliasChoices("KNEO_EMBEDDED_NATS_PORT"))
+    embedded_pg_port: int = Field(default=5450, validation_alias=AliasChoices("KNEO_EMBEDDED_PG_PORT"))
+    db_pool_size: int = Field(default=10, validation_alias=AliasChoices("KNEO_DB_POOL_SIZE"))
+    # Names the JetStream streams/consumers so several platforms (e.g. tests) can share one NATS server.
+    bus_prefix: str = Field(default="", validation_alias=AliasChoices("KNEO_BUS_PREFIX"))
+
+    # --- bus and durability
+    command_max_deliveries: int = Field(default=5, validation_alias=AliasChoices("KNEO_COMMAND_MAX_DELIVERIES"))
+    command_retry_backoff_seconds: float = Field(
+        default=0.5, validation_alias=AliasChoices("KNEO_COMMAND_RETRY_BACKOFF_SECONDS")
+    )
+    command_ack_wait_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_COMMAND_ACK_WAIT_SECONDS"))
+    consumer_batch: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_BATCH"))
+    consumer_concurrency: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_CONCURRENCY"))
+    relay_grace_seconds: float = Field(default=2.0, validation_alias=AliasChoices("KNEO_RELAY_GRACE_SECONDS"))
+    relay_interval_seconds: float = Field(default=1.0, validation_alias=AliasChoices("KNEO_RELAY_INTERVAL_SECONDS"))
+    reconcile_after_seconds: float = Field(
+        default=30.0, validation_alias=AliasChoices("KNEO_RECONCILE_AFTER_SECONDS")
+    )
+    reconcile_interval_seconds: float = Field(
+        default=5.0, validation_alias=AliasChoices("KNEO_RECONCILE_INTERVAL_SECONDS")
+    )
+    events_max_age_days: float = Field(default=7.0, validation_alias=AliasChoices("KNEO_EVENTS_MAX_AGE_DAYS"))
+    output_max_age_seconds: float = Field(default=300.0, validation_alias=AliasChoices("KNEO_OUTPUT_MAX_AGE_SECONDS"))
+
+    # --- gateway
+    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("KNEO_HOST"))
+    port: int = Field(default=8000, validation_alias=AliasChoices("KNEO_PORT"))
+    sync_wait_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_SERV_SYNC_WAIT_SECONDS"))
+    sse_heartbeat_seconds: float = Field(default=15.0, validation_alias=AliasChoices("KNEO_SERV_SSE_HEARTBEAT_SECONDS"))
+    sse_client_buffer: int = Field(default=1000, validation_alias=AliasChoices("KNEO_SERV_SSE_CLIENT_BUFFER"))
+    spec_root: Path | None = Field(default=None, validation_alias=AliasChoices("KNEO_SERV_SPEC_ROOT"))
+    max_body_bytes: int = Field(default=1_048_576, validation_alias=AliasChoices("KNEO_SERV_MAX_BODY_BYTES"))
+    max_input_chars: int = Field(default=20_000, validation_alias=AliasChoices("KNEO_SERV_MAX_INPUT_CHARS"))
+    max_human_content_chars: int = Field(
+        default=20_000, validation_alias=AliasChoices("KNEO_SERV_MAX_HUMAN_CONTENT_CHARS")
+    )
+    max_inline_spec_bytes: int = Field(default=262_144, validation_alias=AliasChoices("KNEO_SERV_MAX_INLINE_SPEC_BYTES"))
+    max_overrides_bytes: int = Field(default=65_536, validation_alias=AliasChoices("KNEO_SERV_MAX_OVERRIDES_BYTES"))
+    max_metadata_bytes: int = Field(default=32_768, validation_alias=AliasChoices("KNEO_SERV_MAX_METADATA_BYTES"))
+    max_list_items: int = Field(default=100, validation_alias=AliasChoices("KNEO_SERV_MAX_LIST_ITEMS"))
+    max_path_chars: int = Field(default=4096, validation_alias=AliasChoices("KNEO_SERV_MAX_PATH_CHARS"))
+    request_logs: bool = Field(default=True, validation_alias=AliasChoices("KNEO_SERV_REQUEST_LOGS"))
+    log_level: str = Field(default="INFO", validation_alias=AliasChoices("KNEO_SERV_LOG_LEVEL"))
+
+    # --- runner
+    runner_name: str | None = Field(default=None, validation_alias=AliasChoices("KNEO_RUNNER_NAME"))
+    provider_retries: int = Field(default=0, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_RETRIES"))
+    provider_retry_backoff_seconds: float = Field(
+        default=0.25, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_RETRY_BACKOFF_SECONDS")
+    )
+    provider_timeout_seconds: float | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_TIMEOUT_SECONDS")
+    )
+
+    @field_validator("max_list_items")
+    @classmethod
+    def _cap_list_items(cls, v: int) -> int:
+        if not 1 <= v <= 1000:
+            raise ValueError("KNEO_SERV_MAX_LIST_ITEMS must be between 1 and 1000 (the seed's cap)")
+        return v
+
+    @property
+    def embedded(self) -> bool:
+        """True when neither server URL is set: kneo starts its own."""
+        return self.nats_url is None and self.database_url is None

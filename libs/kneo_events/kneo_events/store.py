@@ -1,0 +1,383 @@
+"""The Postgres event store (asyncpg).
+
+* ``append`` is atomic and checks the stream's expected version in the same statement that inserts; a conflict
+  raises :class:`ConcurrencyConflict` (retryable). With a ``command_id`` an append is idempotent: a repeat returns
+  the events the first one recorded and appends nothing.
+* Inline projections run inside the append's transaction.
+* ``read_all`` is the gap-free catch-up read: it orders by ``(tx_id, position)`` and returns only events of
+  transactions older than the oldest one still running, so an event committed late by a concurrent writer always
+  sorts after anything a reader has already seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, NamedTuple
+
+import asyncpg
+import orjson
+
+from kneo_events.errors import ConcurrencyConflict
+from kneo_events.projections import INLINE_PROJECTORS
+from kneo_events.schemas import NewEvent, RecordedEvent
+from kneo_events.subjects import split_stream_id
+
+Projector = Callable[[asyncpg.Connection, str, list[RecordedEvent]], Awaitable[None]]
+
+_EVENT_COLUMNS = (
+    "position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, recorded_at"
+)
+_MIGRATION_LOCK = 0x4B4E454F  # "KNEO"
+
+
+class Position(NamedTuple):
+    """A place in the global order: the writing transaction, then the row's position."""
+
+    tx_id: int
+    position: int
+
+    def encode(self) -> str:
+        """``"<tx_id>:<position>"``, e.g. for a checkpoint or a cursor in an API."""
+        return f"{self.tx_id}:{self.position}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Position:
+        """Inverse of :meth:`encode`."""
+        tx, _, pos = raw.partition(":")
+        return cls(int(tx), int(pos))
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append recorded (or, for a repeated command, what the first append recorded)."""
+
+    stream_id: str
+    events: list[RecordedEvent]
+    duplicate: bool
+    outbox_id: int | None
+
+    @property
+    def version(self) -> int:
+        """The stream's version after this append."""
+        return self.events[-1].version if self.events else 0
+
+
+def _record(row: Mapping[str, Any]) -> RecordedEvent:
+    return RecordedEvent.model_construct(**dict(row))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("jsonb", "json"):
+        await conn.set_type_codec(
+            typ,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+            format="text",
+        )
+
+
+class EventStore:
+    """The event store on one asyncpg pool (one pool per process)."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.projectors: dict[str, Projector] = dict(INLINE_PROJECTORS)
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, schema: str = "public", min_size: int = 2, max_size: int = 10, migrate: bool = True
+    ) -> EventStore:
+        """Open a pool on ``dsn`` using ``schema`` (created if missing) and apply migrations."""
+        if schema != "public":
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            finally:
+                await conn.close()
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings={"search_path": schema, "application_name": "kneo"},
+            timeout=10,
+            command_timeout=60,
+        )
+        store = cls(pool, schema)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        """Close the pool (waits for connections in use, bounded)."""
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        """Apply pending SQL migrations in order, recording each in ``schema_migrations``."""
+        applied: list[str] = []
+        files = sorted(
+            (f for f in resources.files("kneo_events.migrations").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for f in files:
+                version = f.name.removesuffix(".sql")
+                if version in done:
+                    continue
+                await conn.execute(f.read_text())
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+        return applied
+
+    # ------------------------------------------------------------------ writes
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        command_id: str | None = None,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> AppendResult:
+        """Append ``events`` to ``stream_id`` atomically.
+
+        ``expected_version``: the stream's current version as the caller knows it (0 = the stream must not exist),
+        or ``None`` to append at the end whatever it is. A mismatch raises :class:`ConcurrencyConflict`.
+        ``command_id``: a repeated command returns the first append's events with ``duplicate=True``.
+        """
+        if conn is None:
+            async with self.pool.acquire() as c:
+                return await self.append(stream_id, events, expected_version, command_id, conn=c)
+        try:
+            async with conn.transaction():
+                return await self._append_in_tx(conn, stream_id, events, expected_version, command_id)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name and "event_id" in exc.constraint_name:
+                raise
+            raise ConcurrencyConflict(
+                f"stream {stream_id} moved past version {expected_version}", stream_id=stream_id
+            ) from exc
+
+    async def _append_in_tx(
+        self,
+        conn: asyncpg.Connection,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        command_id: str | None,
+    ) -> AppendResult:
+        if command_id is not None:
+            fresh = await conn.fetchval(
+                "INSERT INTO processed_commands (command_id, stream_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING RETURNING true",
+                command_id,
+                stream_id,
+            )
+            if not fresh:
+                rows = await conn.fetch(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE command_id = $1 ORDER BY position", command_id
+                )
+                return AppendResult(stream_id, [_record(r) for r in rows], duplicate=True, outbox_id=None)
+        if not events:
+            return AppendResult(stream_id, [], duplicate=False, outbox_id=None)
+        if expected_version is None:
+            base = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+            )
+        else:
+            base = expected_version
+        rows = await conn.fetch(
+            f"""
+            INSERT INTO events (stream_id, version, event_id, type, data, metadata, command_id)
+            SELECT $1, $2 + e.ord, e.event_id, e.type, e.data, e.metadata, $7
+            FROM unnest($3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY
+                 AS e(event_id, type, data, metadata, ord)
+            WHERE $2 = (SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1)
+            ORDER BY e.ord
+            RETURNING {_EVENT_COLUMNS}
+            """,
+            stream_id,
+            base,
+            [e.event_id for e in events],
+            [e.type for e in events],
+            [e.data for e in events],
+            [e.metadata for e in events],
+            command_id,
+        )
+        if not rows:
+            raise ConcurrencyConflict(
+                f"stream {stream_id} is not at version {base}", stream_id=stream_id, expected_version=base
+            )
+        recorded = sorted((_record(r) for r in rows), key=lambda e: e.version)
+        projector = self.projectors.get(split_stream_id(stream_id)[0])
+        if projector is not None:
+            await projector(conn, stream_id, recorded)
+        outbox_id = await conn.fetchval(
+            "INSERT INTO outbox (stream_id, from_version, to_version) VALUES ($1, $2, $3) RETURNING id",
+            stream_id,
+            recorded[0].version,
+            recorded[-1].version,
+        )
+        return AppendResult(stream_id, recorded, duplicate=False, outbox_id=outbox_id)
+
+    # ------------------------------------------------------------------ reads
+
+    async def read_stream(self, stream_id: str, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
+        """Events of one stream with ``version >= from_version``, in version order."""
+        rows = await self.pool.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3",
+            stream_id,
+            from_version,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The current version of a stream (0 when it has no events)."""
+        v = await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id)
+        return int(v)
+
+    async def read_all(self, after: Position = START, limit: int = 500) -> list[RecordedEvent]:
+        """The next events of the global log after ``after``, in commit-safe order.
+
+        Only events of transactions older than every transaction still running are returned, ordered by
+        ``(tx_id, position)``; a later call can therefore never return an event that sorts before one already
+        returned. Follow it with ``after = Position(last.tx_id, last.position)``.
+        """
+        rows = await self.pool.fetch(
+            f"""
+            SELECT {_EVENT_COLUMNS} FROM events
+            WHERE (tx_id, position) > ($1::text::xid8, $2::bigint)
+              AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+            ORDER BY tx_id, position
+            LIMIT $3
+            """,
+            str(after.tx_id),
+            after.position,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def events_by_ids(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
+        """Events by id, in global order."""
+        rows = await self.pool.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position", event_ids
+        )
+        return [_record(r) for r in rows]
+
+    # ------------------------------------------------------------------ outbox and checkpoints
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        """Forget outbox entries whose events are confirmed published."""
+        if ids:
+            await self.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+
+    @contextlib.asynccontextmanager
+    async def claim_outbox(
+        self, older_than_seconds: float, limit: int = 200
+    ) -> AsyncIterator[tuple[list[int], list[RecordedEvent]]]:
+        """Lock outbox entries older than the grace period (skipping ones another relay holds).
+
+        Yields their ids and events; the entries are deleted when the block exits without error.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, stream_id, from_version, to_version FROM outbox "
+                "WHERE created_at < clock_timestamp() - make_interval(secs => $1) "
+                "ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                older_than_seconds,
+                limit,
+            )
+            events: list[RecordedEvent] = []
+            for r in rows:
+                evs = await conn.fetch(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version BETWEEN $2 AND $3 "
+                    "ORDER BY version",
+                    r["stream_id"],
+                    r["from_version"],
+                    r["to_version"],
+                )
+                events.extend(_record(e) for e in evs)
+            ids = [int(r["id"]) for r in rows]
+            yield ids, events
+            if ids:
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", ids)
+
+    async def load_checkpoint(self, name: str) -> Position:
+        """A catch-up subscriber's saved position (``START`` when it has none)."""
+        row = await self.pool.fetchrow(
+            "SELECT tx_id::text::bigint AS tx_id, position FROM subscriber_checkpoints WHERE name = $1", name
+        )
+        return Position(int(row["tx_id"]), int(row["position"])) if row else START
+
+    async def save_checkpoint(self, name: str, pos: Position, conn: asyncpg.Connection | None = None) -> None:
+        """Save a catch-up subscriber's position (pass ``conn`` to save it in the projection's transaction)."""
+        sql = (
+            "INSERT INTO subscriber_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) "
+            "ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, "
+            "updated_at = clock_timestamp()"
+        )
+        if conn is not None:
+            await conn.execute(sql, name, str(pos.tx_id), pos.position)
+        else:
+            await self.pool.execute(sql, name, str(pos.tx_id), pos.position)
+
+    # ------------------------------------------------------------------ run projection reads
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The projected state of a run."""
+        row = await self.pool.fetchrow("SELECT state FROM runs WHERE run_id = $1", run_id)
+        return dict(row["state"]) if row else None
+
+    async def get_run_with_plan(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """A run's projected state and its compiled plan (``None`` before ``run.compiled``)."""
+        row = await self.pool.fetchrow(
+            "SELECT r.state, p.plan FROM runs r LEFT JOIN run_plans p USING (run_id) WHERE r.run_id = $1", run_id
+        )
+        if row is None:
+            return None, None
+        return dict(row["state"]), (dict(row["plan"]) if row["plan"] is not None else None)
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, offset: int, sort_by: str, sort_order: str
+    ) -> tuple[list[dict[str, Any]], int]:
+        """A page of runs and the total count (``sort_by`` and ``sort_order`` must be pre-validated)."""
+        column = {"created_at": "created_at", "updated_at": "updated_at", "status": "status", "run_id": "run_id"}[
+            sort_by
+        ]
+        order = "ASC" if sort_order == "asc" else "DESC"
+        where = "WHERE status = $1" if status else "WHERE $1::text IS NULL"
+        rows = await self.pool.fetch(
+            f"SELECT state FROM runs {where} ORDER BY {column} {order}, run_id {order} LIMIT $2 OFFSET $3",
+            status,
+            limit,
+            offset,
+        )
+        total = await self.pool.fetchval(f"SELECT count(*) FROM runs {where}", status)
+        return [dict(r["state"]) for r in rows], int(total)
+
+    async def stalled_runs(self, older_than_seconds: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Runs that are neither terminal nor paused and made no progress within the deadline."""
+        rows = await self.pool.fetch(
+            "SELECT state FROM runs WHERE status IN ('queued', 'running') "
+            "AND updated_at < clock_timestamp() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+            older_than_seconds,
+            limit,
+        )
+        return [dict(r["state"]) for r in rows]

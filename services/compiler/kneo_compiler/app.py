@@ -1,0 +1,82 @@
+"""The compiler service: compiles the spec of every new run (``compile_run``) and records the outcome."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.msg import Msg
+
+from kneo_compiler.spec import SpecProblem, compile_spec
+from kneo_events.errors import ConcurrencyConflict
+from kneo_events.ids import run_stream
+from kneo_events.kernel import Kernel, next_command
+from kneo_events.schemas import (
+    Command,
+    RunCompiled,
+    RunFailed,
+    StepScheduled,
+    execute_step_command,
+    new_event,
+    step_command_id,
+)
+
+log = logging.getLogger("kneo.compiler")
+SERVICE = "compiler"
+
+
+class CompilerService:
+    """Bus adapter: load the run, compile, append ``run.compiled`` + the first ``step.scheduled`` (or ``run.failed``)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    async def handle(self, cmd: Command, msg: Msg) -> None:
+        """Handle one command (return = ack, raise = retry)."""
+        if cmd.name != "compile_run":
+            log.error("compiler got unknown command %s", cmd.name)
+            return
+        run_id = str(cmd.data["run_id"])
+        stream_id = run_stream(run_id)
+        store = self.kernel.store
+        state = await store.get_run(run_id)
+        if state is None:
+            raise LookupError(f"run {run_id} not found (yet)")
+        if state["status"] != "queued" or state.get("workflow_kind"):
+            # Already compiled (resend the first step in case the earlier handling crashed before sending it;
+            # JetStream drops the duplicate), or cancelled meanwhile.
+            follow = next_command(state)
+            if follow is not None and state["status"] in ("queued", "running"):
+                await self.kernel.bus.publish_command(follow)
+            return
+        created = (await store.read_stream(stream_id, 1, 1))[0]
+        meta = {"request_id": cmd.metadata.get("request_id"), "causation_id": cmd.command_id,
+                "correlation_id": run_id, "actor": cmd.metadata.get("actor", "system")}
+        commands: list[Command] = []
+        try:
+            plan = compile_spec(created.data["spec"], created.data.get("environment"))
+        except SpecProblem as exc:
+            events = [new_event(RunFailed(error=str(exc), code="invalid_spec",
+                                          diagnostics=[d.model_dump() for d in exc.diagnostics]), meta)]
+        else:
+            first = plan["steps"][0]
+            scheduled = StepScheduled(step_index=0, step_id=first["id"], attempt=1,
+                                      command_id=step_command_id(run_id, 0, 1))
+            events = [
+                new_event(RunCompiled(plan=plan, plan_hash=plan["hash"], agent_name=plan["agent"]["name"],
+                                      workflow_name=plan["workflow"]["name"], workflow_kind=plan["workflow"]["kind"],
+                                      step_count=len(plan["steps"])), meta),
+                new_event(scheduled, meta),
+            ]
+            commands.append(execute_step_command(run_id, stream_id, scheduled, cmd.metadata))
+        try:
+            await self.kernel.commit(stream_id, events, state["version"], cmd.command_id, commands)
+        except ConcurrencyConflict:
+            fresh = await store.get_run(run_id)
+            if fresh and fresh["status"] != "queued":
+                return  # cancelled (or compiled) concurrently
+            raise
+
+    async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
+        """Record a command that kept failing, and fail its run so nothing waits for it forever."""
+        await self.kernel.dead_letter(cmd, msg.metadata.num_delivered, exc)
+

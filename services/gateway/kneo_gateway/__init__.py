@@ -1,0 +1,1 @@
+"""The gateway: HTTP faces of the platform (FastAPI), SSE fed from the bus, queries from projections."""

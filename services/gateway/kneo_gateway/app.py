@@ -1,0 +1,45 @@
+"""The gateway's FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from kneo_gateway.responses import JSONBody
+
+from kneo_events import __version__
+from kneo_events.kernel import Kernel
+from kneo_gateway import errors
+from kneo_gateway.live import LiveHub
+from kneo_gateway.middleware import BodyLimit, RequestContext
+from kneo_gateway.routers import health, runs
+from kneo_gateway.state import Gateway
+
+VERSIONED = (runs.router,)
+
+
+def create_app(kernel: Kernel) -> FastAPI:
+    """Build the app on a started kernel (the caller owns the kernel's lifecycle)."""
+    settings = kernel.settings
+    hub = LiveHub(kernel.bus, settings.sse_client_buffer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = FastAPI(title="Kneo", version=__version__, lifespan=lifespan, default_response_class=JSONBody)
+    app.state.gateway = Gateway(settings=settings, kernel=kernel, hub=hub)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(health.router, prefix="/v1", include_in_schema=False)
+    for router in VERSIONED:  # one definition, two mounts: /v1/... and the legacy unversioned alias
+        app.include_router(router, prefix="/v1")
+        app.include_router(router, include_in_schema=False)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, request_logs=settings.request_logs)
+    return app

@@ -1,0 +1,114 @@
+"""Pure-ASGI middleware shared by every route: request ids, body-size limit, request logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kneo_events.ids import new_request_id
+
+log = logging.getLogger("kneo.service")
+
+
+class RequestContext:
+    """Accepts or generates ``X-Request-ID``, returns it, and logs one record per request."""
+
+    def __init__(self, app: ASGIApp, request_logs: bool) -> None:
+        self.app = app
+        self.request_logs = request_logs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:128]
+                break
+        rid = rid or new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if self.request_logs and log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                record: dict[str, Any] = {
+                    "event": "http_request", "request_id": rid, "method": scope.get("method"),
+                    "path": scope.get("path"), "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "client": client[0] if client else None,
+                }
+                run_id = scope["state"].get("run_id")
+                if run_id:
+                    record["run_id"] = run_id
+                log.info(orjson.dumps(record).decode())
+
+
+class BodyLimit:
+    """413 for bodies over the limit, counted while streaming (a lying or missing Content-Length can't pass)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._reject(send)
+                    return
+        # Read the whole body up front (bounded), then replay it: the limit holds whatever the headers say.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            chunks.append(body)
+            more = message.get("more_body", False)
+        payload = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Send) -> None:
+        body = orjson.dumps({"error": "payload_too_large", "message": f"request body exceeds {self.max_bytes} bytes",
+                             "limit": self.max_bytes, "field": "body"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,281 @@
+"""Runs: create, get, list, history, live stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import yaml
+from fastapi import APIRouter, Header, Query, Request
+from kneo_gateway.responses import JSONBody
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from kneo_events.errors import InvalidRequest, NotFound, PayloadTooLarge
+from kneo_events.ids import new_run_id, run_stream
+from kneo_events.projections import TERMINAL_STATUSES
+from kneo_events.schemas import RecordedEvent, RunCreated, compile_run_command, dumps, new_event
+from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
+from kneo_gateway.state import Gateway
+
+router = APIRouter(tags=["runs"])
+
+SORT_FIELDS = ("created_at", "updated_at", "status", "run_id")
+_STOP_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
+_SETTLE_TYPES = _STOP_TYPES | {"run.paused", "human.requested"}
+
+
+def _gw(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | None]:
+    s = gw.settings
+    if body.spec is not None and body.spec_path is not None:
+        raise InvalidRequest("give either spec or spec_path, not both")
+    if body.spec is not None:
+        raw = body.spec if isinstance(body.spec, str) else orjson.dumps(body.spec).decode()
+        if len(raw.encode()) > s.max_inline_spec_bytes:
+            raise PayloadTooLarge(f"spec exceeds {s.max_inline_spec_bytes} bytes", field="spec",
+                                  limit=s.max_inline_spec_bytes)
+        if isinstance(body.spec, dict):
+            return body.spec, None
+        return _parse(raw, "spec"), None
+    if body.spec_path is None:
+        raise InvalidRequest("a run needs a spec: give spec_path or an inline spec", field="spec_path")
+    if len(body.spec_path) > s.max_path_chars:
+        raise PayloadTooLarge(f"spec_path exceeds {s.max_path_chars} characters", field="spec_path",
+                              limit=s.max_path_chars)
+    root = (s.spec_root or Path.cwd()).resolve()
+    path = (root / body.spec_path).resolve()
+    if not path.is_relative_to(root):
+        raise InvalidRequest(f"spec_path must stay inside the service's spec root {root}", field="spec_path")
+    try:
+        if path.stat().st_size > s.max_inline_spec_bytes:
+            raise PayloadTooLarge(f"spec file exceeds {s.max_inline_spec_bytes} bytes", field="spec_path",
+                                  limit=s.max_inline_spec_bytes)
+        text = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise InvalidRequest(f"spec_path not found: {body.spec_path}", field="spec_path") from None
+    except OSError as exc:
+        raise InvalidRequest(f"spec_path unreadable: {exc.strerror}", field="spec_path") from None
+    return _parse(text, "spec_path"), str(body.spec_path)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed in specs",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse(text: str | bytes, field: str) -> dict[str, Any]:
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise InvalidRequest("the spec is not UTF-8 text", field=field) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidRequest(f"the spec is not valid YAML{where}: {problem}", field=field) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the spec must be a YAML mapping", field=field)
+    return data
+
+
+@router.post("/runs", response_model=RunBody, responses={202: {"model": RunBody}})
+async def create_run(body: RunRequest, request: Request) -> JSONBody:
+    """Start a run. Sync mode waits (bounded) for a terminal or paused state: 200; async mode answers 202."""
+    gw = _gw(request)
+    s = gw.settings
+    if body.input is not None and len(body.input) > s.max_input_chars:
+        raise PayloadTooLarge(f"input exceeds {s.max_input_chars} characters", field="input", limit=s.max_input_chars)
+    if body.metadata is not None and len(dumps(body.metadata)) > s.max_metadata_bytes:
+        raise PayloadTooLarge(f"metadata exceeds {s.max_metadata_bytes} bytes", field="metadata",
+                              limit=s.max_metadata_bytes)
+    spec, spec_path = _load_spec(gw, body)
+    run_id = new_run_id()
+    request.state.run_id = run_id
+    stream_id = run_stream(run_id)
+    rid = request.state.request_id
+    meta = {"request_id": rid, "correlation_id": run_id, "actor": "anonymous"}
+    created = RunCreated(run_id=run_id, input=body.input, spec=spec, spec_path=spec_path, target=body.target,
+                         environment=body.environment, async_mode=body.async_mode, metadata=body.metadata or {},
+                         timeout_seconds=body.timeout_seconds)
+    cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": "anonymous"})
+    with gw.hub.listen(run_id) as listener:
+        result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd])
+        if body.async_mode:
+            state = await gw.kernel.store.get_run(run_id)
+            return JSONBody(run_body(state or {"run_id": run_id, "status": "queued"}), status_code=202)
+        settled = await _wait_settled(gw, run_id, listener, result.version, s.sync_wait_seconds)
+    state = await gw.kernel.store.get_run(run_id)
+    assert state is not None
+    done = state["status"] in TERMINAL_STATUSES or state["status"] == "paused"
+    return JSONBody(run_body(state), status_code=200 if (settled or done) else 202)
+
+
+async def _wait_settled(gw: Gateway, run_id: str, listener: Any, version: int, timeout: float) -> bool:
+    """Wait for a terminal (or paused) event of the run; poll the projection now and then as a safety net."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            kind, item = await asyncio.wait_for(listener.queue.get(), timeout=min(1.0, remaining))
+        except asyncio.TimeoutError:
+            state = await gw.kernel.store.get_run(run_id)
+            if state and (state["status"] in TERMINAL_STATUSES or state["status"] == "paused"):
+                return True
+            continue
+        if kind == "event" and item.get("type") in _SETTLE_TYPES:
+            return True
+
+
+@router.get("/runs")
+async def list_runs(
+    request: Request,
+    status: str | None = None,
+    limit: Annotated[int, Query()] = 20,
+    offset: Annotated[int, Query()] = 0,
+    sort_by: str = "created_at",
+    sort_order: str = "desc",
+) -> JSONBody:
+    """A page of runs, newest first by default; ``limit`` is clamped to ``KNEO_SERV_MAX_LIST_ITEMS``."""
+    gw = _gw(request)
+    if limit < 0 or offset < 0:
+        raise InvalidRequest("limit and offset must not be negative")
+    if sort_by not in SORT_FIELDS:
+        raise InvalidRequest(f"unknown sort_by {sort_by!r}", allowed=list(SORT_FIELDS))
+    if sort_order not in ("asc", "desc"):
+        raise InvalidRequest("sort_order must be asc or desc", allowed=["asc", "desc"])
+    limit = min(limit, gw.settings.max_list_items)
+    runs, total = await gw.kernel.store.list_runs(status=status, limit=limit, offset=offset, sort_by=sort_by,
+                                                  sort_order=sort_order)
+    items = [{"run_id": r["run_id"], "status": r["status"], "workflow_name": r.get("workflow_name"),
+              "workflow_kind": r.get("workflow_kind"), "created_at": r.get("created_at"),
+              "updated_at": r.get("updated_at")} for r in runs]
+    return JSONBody({"runs": items, "count": len(items), "total": total, "limit": limit, "offset": offset,
+                           "sort_by": sort_by, "sort_order": sort_order})
+
+
+async def _state_or_404(gw: Gateway, run_id: str) -> dict[str, Any]:
+    state = await gw.kernel.store.get_run(run_id)
+    if state is None:
+        raise NotFound(f"run {run_id} not found", run_id=run_id)
+    return state
+
+
+@router.get("/runs/{run_id}")
+async def get_run(run_id: str, request: Request) -> JSONBody:
+    """The run's current state (from the inline projection: a GET right after a POST sees it)."""
+    gw = _gw(request)
+    request.state.run_id = run_id
+    return JSONBody(run_view(await _state_or_404(gw, run_id)))
+
+
+@router.get("/runs/{run_id}/events")
+async def run_events(run_id: str, request: Request, from_version: Annotated[int, Query(ge=1)] = 1) -> JSONBody:
+    """The run's stored event history, in order."""
+    gw = _gw(request)
+    await _state_or_404(gw, run_id)
+    events = await gw.kernel.store.read_stream(run_stream(run_id), from_version)
+    return JSONBody({"run_id": run_id, "events": [e.wire() for e in events], "count": len(events)})
+
+
+def _parse_last_event_id(raw: str | None) -> tuple[int, int]:
+    if not raw:
+        return 0, -1
+    version, _, chunk = raw.partition(".")
+    try:
+        return int(version), int(chunk) if chunk else 10**9
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must look like <version> or <version>.<chunk>") from None
+
+
+def _event_sse(ev: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=dumps(ev).decode(), event=ev["type"], id=str(ev["version"]))
+
+
+@router.get("/runs/{run_id}/stream")
+async def stream_run(
+    run_id: str,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    """SSE: the run's stored history, then live events and output chunks; ends after the terminal event.
+
+    ``id:`` is the event's stream version, or ``<version>.<chunk>`` for an output chunk; reconnect with
+    ``Last-Event-ID`` to resume with no gap and no duplicate event.
+    """
+    gw = _gw(request)
+    await _state_or_404(gw, run_id)
+    start_version, start_chunk = _parse_last_event_id(last_event_id)
+    return EventSourceResponse(
+        _run_stream(gw, run_id, start_version, start_chunk),
+        ping=gw.settings.sse_heartbeat_seconds,
+        send_timeout=30,
+    )
+
+
+async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: int) -> AsyncIterator[ServerSentEvent]:
+    stream_id = run_stream(run_id)
+    store = gw.kernel.store
+    with gw.hub.listen(run_id) as listener:  # listen first, then read history: nothing falls in between
+
+        async def catch_up(upto: int | None = None) -> AsyncIterator[RecordedEvent]:
+            for ev in await store.read_stream(stream_id, last_version + 1):
+                if upto is not None and ev.version > upto:
+                    break
+                yield ev
+
+        async for ev in catch_up():
+            last_version, last_chunk = ev.version, -1
+            yield _event_sse(ev.wire())
+            if ev.type in _STOP_TYPES:
+                return
+        while True:
+            if listener.lagged:
+                listener.lagged = False
+                while not listener.queue.empty():
+                    listener.queue.get_nowait()
+                async for ev in catch_up():
+                    last_version, last_chunk = ev.version, -1
+                    yield _event_sse(ev.wire())
+                    if ev.type in _STOP_TYPES:
+                        return
+                yield ServerSentEvent(event="lagged", data='{"reason": "client too slow; output chunks skipped"}')
+                continue
+            kind, item = await listener.queue.get()
+            if kind == "event":
+                version = int(item["version"])
+                if version <= last_version:
+                    continue
+                if version > last_version + 1:  # arrived out of order or a publish is late: fill from the log
+                    async for ev in catch_up(version - 1):
+                        last_version, last_chunk = ev.version, -1
+                        yield _event_sse(ev.wire())
+                        if ev.type in _STOP_TYPES:
+                            return
+                last_version, last_chunk = version, -1
+                yield _event_sse(item)
+                if item["type"] in _STOP_TYPES:
+                    return
+            else:
+                after, seq = int(item["after_version"]), int(item["seq"])
+                if after != last_version or seq <= last_chunk:
+                    continue
+                last_chunk = seq
+                if seq == 0 and int(item.get("delivery", 1)) > 1:
+                    yield ServerSentEvent(event="step.restarted", data=dumps(
+                        {"step_id": item["step_id"], "delivery": item["delivery"]}).decode())
+                yield ServerSentEvent(data=dumps(item).decode(), event="output", id=f"{after}.{seq}")

@@ -1,0 +1,1 @@
+"""The runner: executes compiled workflows one step per command."""

@@ -1,0 +1,84 @@
+"""The runner service: takes ``execute_step`` commands, runs the step, appends its outcome, sends the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from nats.aio.msg import Msg
+
+from kneo_events.errors import ConcurrencyConflict
+from kneo_events.ids import run_stream
+from kneo_events.kernel import Kernel, next_command
+from kneo_events.schemas import Command, execute_step_command, new_event
+from kneo_runner.domain import decide, should_run
+from kneo_runner.engine import execute_step
+
+log = logging.getLogger("kneo.runner")
+SERVICE = "runner"
+
+
+class RunnerService:
+    """Bus adapter: load state → should_run → execute → decide → append (expected version) → send next command."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
+
+    async def handle(self, cmd: Command, msg: Msg) -> None:
+        """Handle one command (return = ack, raise = retry with backoff)."""
+        if cmd.name != "execute_step":
+            log.error("runner got unknown command %s", cmd.name)
+            return
+        run_id = str(cmd.data["run_id"])
+        step_index = int(cmd.data["step_index"])
+        attempt = int(cmd.data.get("attempt", 1))
+        state, plan = await self.kernel.store.get_run_with_plan(run_id)
+        if state is None or plan is None:
+            if state is None:
+                raise LookupError(f"run {run_id} not found (yet)")
+            return
+        if not should_run(state, cmd.command_id):
+            # Stale, duplicate, or the run is finished. If this command's handling committed but crashed before
+            # sending what follows, resend it now: JetStream drops it (same Nats-Msg-Id) if it was already sent.
+            follow = next_command(state)
+            if follow is not None and state["status"] in ("queued", "running"):
+                await self.kernel.bus.publish_command(follow)
+            return
+        delivery = msg.metadata.num_delivered if msg.metadata else 1
+        after_version = int(state["version"])
+
+        async def sink(text: str, seq: int) -> None:
+            await self.kernel.bus.publish_output(run_id, {
+                "run_id": run_id, "step_index": step_index, "step_id": plan["steps"][step_index]["id"],
+                "attempt": attempt, "delivery": delivery, "seq": seq, "after_version": after_version, "text": text,
+            })
+
+        async with self.kernel.bus.keep_alive(msg, max(1.0, self.kernel.settings.command_ack_wait_seconds / 3)):
+            outcome = await execute_step(plan, state, step_index, attempt, sink,
+                                         self.kernel.settings.provider_timeout_seconds)
+        decision = decide(run_id, plan, state, step_index, attempt, outcome,
+                          self.kernel.settings.provider_retry_backoff_seconds)
+        meta = {"request_id": cmd.metadata.get("request_id"), "causation_id": cmd.command_id,
+                "correlation_id": run_id, "actor": "system", "runner": self.name}
+        events = [new_event(p, meta) for p in decision.events]
+        stream_id = run_stream(run_id)
+        nxt = execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata) if decision.next_step else None
+        try:
+            await self.kernel.commit(stream_id, events, after_version, cmd.command_id,
+                                     [nxt] if nxt and not decision.delay_seconds else [])
+        except ConcurrencyConflict:
+            fresh = await self.kernel.store.get_run(run_id)
+            if fresh is None or fresh["status"] not in ("queued", "running") or not should_run(fresh, cmd.command_id):
+                log.info("run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index)
+                return
+            raise
+        if nxt and decision.delay_seconds:
+            await asyncio.sleep(decision.delay_seconds)
+            await self.kernel.bus.publish_command(nxt)
+
+    async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
+        """Record a step command that kept failing (the run fails instead of hanging)."""
+        await self.kernel.dead_letter(cmd, msg.metadata.num_delivered, exc)

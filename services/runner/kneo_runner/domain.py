@@ -1,0 +1,109 @@
+"""Pure decisions of the runner: what a step's outcome means for the run. No I/O, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kneo_events.schemas import (
+    CheckpointSaved,
+    EventPayload,
+    RunFailed,
+    RunSucceeded,
+    StepCompleted,
+    StepFailed,
+    StepRetrying,
+    StepScheduled,
+    step_command_id,
+)
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepSucceeded:
+    """The step produced its final message."""
+
+    output: Any
+    chunks: int
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class StepErrored:
+    """The step raised; ``retryable`` says whether a retry could help."""
+
+    error: str
+    retryable: bool = True
+
+
+Outcome = StepSucceeded | StepErrored
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Events to append, the step to schedule next (if any), and how long to wait before sending it."""
+
+    events: list[EventPayload]
+    next_step: StepScheduled | None
+    delay_seconds: float = 0.0
+
+
+def should_run(state: JSON | None, command_id: str) -> bool:
+    """A step command runs only if it is the run's scheduled step and the run is still going."""
+    if state is None or state["status"] not in ("queued", "running"):
+        return False
+    nxt = state.get("next_step")
+    return isinstance(nxt, dict) and nxt.get("command_id") == command_id
+
+
+def _schedule(run_id: str, plan: JSON, index: int, attempt: int) -> StepScheduled:
+    step = plan["steps"][index]
+    return StepScheduled(step_index=index, step_id=step["id"], attempt=attempt,
+                         command_id=step_command_id(run_id, index, attempt))
+
+
+def _advance(run_id: str, plan: JSON, state: JSON, index: int, last_output: Any) -> tuple[list[EventPayload], StepScheduled | None]:
+    if index + 1 < len(plan["steps"]):
+        nxt = _schedule(run_id, plan, index + 1, 1)
+        return [nxt], nxt
+    text = last_output if isinstance(last_output, str) or last_output is None else str(last_output)
+    return [RunSucceeded(output_text=text)], None
+
+
+def decide(run_id: str, plan: JSON, state: JSON, step_index: int, attempt: int, outcome: Outcome,
+           retry_backoff_seconds: float) -> Decision:
+    """Turn one step outcome into the run's next events."""
+    step = plan["steps"][step_index]
+    if isinstance(outcome, StepSucceeded):
+        outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
+        events: list[EventPayload] = [
+            StepCompleted(step_index=step_index, step_id=step["id"], output=outcome.output, attempt=attempt,
+                          chunks=outcome.chunks, duration_ms=round(outcome.duration_ms, 3)),
+            CheckpointSaved(
+                sequence=int(state.get("checkpoint_count", 0)) + 1,
+                step_index=step_index,
+                step_id=step["id"],
+                state={"step_outputs": outputs, "visited_steps": [*state.get("visited_steps", []), step["id"]],
+                       "next_step_index": step_index + 1},
+            ),
+        ]
+        more, nxt = _advance(run_id, plan, state, step_index, outcome.output)
+        return Decision(events + more, nxt)
+    max_attempts = 1 + int(step.get("max_retries") or 0)
+    if outcome.retryable and attempt < max_attempts:
+        backoff = retry_backoff_seconds * (2 ** (attempt - 1))
+        nxt = _schedule(run_id, plan, step_index, attempt + 1)
+        return Decision(
+            [StepRetrying(step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt,
+                          backoff_seconds=backoff), nxt],
+            nxt,
+            backoff,
+        )
+    failed = StepFailed(step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt,
+                        retryable=outcome.retryable)
+    if step.get("on_error") == "continue":
+        more, nxt = _advance(run_id, plan, state, step_index, state.get("output_text"))
+        return Decision([failed, *more], nxt)
+    return Decision([failed, RunFailed(error=f"step {step['id']} failed: {outcome.error}", code="step_failed",
+                                       step_id=step["id"])], None)
