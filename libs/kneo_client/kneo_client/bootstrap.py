@@ -128,6 +128,14 @@ async def close_kernel(kernel: Kernel) -> None:
     await kernel.store.close()
 
 
+@dataclass(frozen=True)
+class Running:
+    """What ``on_ready`` gets: the gateway's URL (when it runs one) and the process's kernel."""
+
+    url: str | None
+    kernel: Kernel
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the platform owns SIGINT/SIGTERM."""
 
@@ -143,7 +151,7 @@ async def run_platform(
     host: str | None = None,
     port: int | None = None,
     stop: asyncio.Event | None = None,
-    on_ready: Callable[[str | None], Awaitable[None] | None] | None = None,
+    on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
 ) -> None:
     """Run ``services`` (``gateway`` adds the HTTP server) in this process until ``stop`` is set or a signal."""
     stop = stop or asyncio.Event()
@@ -179,7 +187,7 @@ async def run_platform(
                 else:
                     stop.set()
             if on_ready is not None and not stop.is_set():
-                maybe = on_ready(url)
+                maybe = on_ready(Running(url, kernel))
                 if maybe is not None:
                     await maybe
             await stop.wait()

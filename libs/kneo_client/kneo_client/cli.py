@@ -63,8 +63,8 @@ def serve(
     configure_logging(settings.log_level)
     infra = resolve_infra(settings)
     try:
-        def ready(url: str | None) -> None:
-            err.print(f"kneo: serving on {url}  (NATS {infra.settings.nats_url}, Postgres "
+        def ready(running: Any) -> None:
+            err.print(f"kneo: serving on {running.url}  (NATS {infra.settings.nats_url}, Postgres "
                       f"{_redact_dsn(infra.settings.database_url)}); Ctrl-C to stop")
 
         run_sync(run_platform(infra.settings, ALL_SERVICES, host=host, port=port, on_ready=ready))
@@ -89,7 +89,7 @@ def run_service(
     configure_logging(settings.log_level)
     infra = resolve_infra(settings, allow_embedded=False)
     run_sync(run_platform(infra.settings, (service,), host=host, port=port,
-                          on_ready=lambda url: err.print(f"kneo: {service} running" + (f" on {url}" if url else ""))))
+                          on_ready=lambda r: err.print(f"kneo: {service} running" + (f" on {r.url}" if r.url else ""))))
 
 
 @service_app.command("status")
@@ -214,7 +214,9 @@ def _run_local(spec: Path, run_input: str | None, env: str | None, target: str, 
     async def main() -> None:
         stop = asyncio.Event()
 
-        async def on_ready(url: str | None) -> None:
+        async def on_ready(running: Any) -> None:
+            url = running.url
+
             async def go() -> None:
                 try:
                     assert url
