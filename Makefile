@@ -25,7 +25,7 @@ test: $(STAMP)  ## the whole test suite (unit, integration, e2e) on servers the 
 
 test-compat: $(STAMP)  ## integration + e2e against this machine's PostgreSQL 15 and NATS 2.9
 	KNEO_TEST_NATS_URL=$${KNEO_TEST_NATS_URL:-nats://127.0.0.1:4222} \
-	KNEO_TEST_DATABASE_URL=$${KNEO_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
+	KNEO_TEST_DATABASE_URL=$${KNEO_TEST_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/kneo_ci} \
 	$(BIN)/python -m pytest tests/integration tests/e2e
 
 bench: $(STAMP)  ## benchmarks (writes JSON to bench/results/)

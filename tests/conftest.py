@@ -43,14 +43,18 @@ def _containers() -> Iterator[Servers]:
 
         docker.from_env().ping()
     except Exception as exc:
-        pytest.exit(f"KNEO_TEST_CONTAINERS=1 needs a running Docker engine and `pip install kneo[containers]` "
-                    f"({type(exc).__name__}); unset it to use the embedded servers", returncode=3)
+        pytest.exit(
+            f"KNEO_TEST_CONTAINERS=1 needs a running Docker engine and `pip install kneo[containers]` "
+            f"({type(exc).__name__}); unset it to use the embedded servers",
+            returncode=3,
+        )
     from testcontainers.core.container import DockerContainer  # type: ignore[import-not-found]
     from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
 
-    with PostgresContainer("postgres:16", driver=None) as pg, DockerContainer("nats:2.10").with_command(
-        "-js"
-    ).with_exposed_ports(4222) as nats_c:
+    with (
+        PostgresContainer("postgres:16", driver=None) as pg,
+        DockerContainer("nats:2.10").with_command("-js").with_exposed_ports(4222) as nats_c,
+    ):
         host = nats_c.get_container_host_ip()
         yield Servers(f"nats://{host}:{nats_c.get_exposed_port(4222)}", pg.get_connection_url())
 
@@ -168,7 +172,7 @@ async def platform_factory(settings: Settings) -> AsyncIterator[Any]:
     try:
         yield start
     finally:
-        for task, stop in started:
+        for _task, stop in started:
             stop.set()
         for task, _ in started:
             with contextlib.suppress(Exception):
@@ -200,11 +204,16 @@ def spawn_service(settings: Settings, tmp_path: Path) -> Iterator[Any]:
     kneo = shutil.which("kneo", path=str(Path(sys.executable).parent)) or "kneo"
 
     def spawn(name: str, **env_overrides: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ,
-               "KNEO_NATS_URL": settings.nats_url or "", "KNEO_DATABASE_URL": settings.database_url or "",
-               "KNEO_DATABASE_SCHEMA": settings.database_schema, "KNEO_BUS_PREFIX": settings.bus_prefix,
-               "KNEO_SERV_LOG_LEVEL": "INFO", **env_overrides}
-        log = open(tmp_path / f"{name}-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
+        env = {
+            **os.environ,
+            "KNEO_NATS_URL": settings.nats_url or "",
+            "KNEO_DATABASE_URL": settings.database_url or "",
+            "KNEO_DATABASE_SCHEMA": settings.database_schema,
+            "KNEO_BUS_PREFIX": settings.bus_prefix,
+            "KNEO_SERV_LOG_LEVEL": "INFO",
+            **env_overrides,
+        }
+        log = open(tmp_path / f"{name}-{len(procs)}.log", "wb")
         proc = subprocess.Popen([kneo, "service", "run", name], env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         procs.append(proc)

@@ -33,12 +33,25 @@ async def _events_total(platform: Any) -> int:
 
 async def test_sync_run_returns_terminal_body(platform: Any) -> None:
     async with httpx.AsyncClient(base_url=platform.url, timeout=30) as http:
-        resp = await http.post("/v1/runs", json={"input": "Summarize Nvidia AI strategy", "spec_path": SPEC,
-                                                 "environment": "prod", "async_mode": False})
+        resp = await http.post(
+            "/v1/runs",
+            json={
+                "input": "Summarize Nvidia AI strategy",
+                "spec_path": SPEC,
+                "environment": "prod",
+                "async_mode": False,
+            },
+        )
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        assert set(body) >= {"run_id", "status", "output_text", "human_intervention_required", "continuation_id",
-                             "metadata"}
+        assert set(body) >= {
+            "run_id",
+            "status",
+            "output_text",
+            "human_intervention_required",
+            "continuation_id",
+            "metadata",
+        }
         assert body["status"] == "succeeded"
         assert body["run_id"].startswith("run_") and len(body["run_id"].split("_")[-1]) == 8
         assert body["human_intervention_required"] is False and body["continuation_id"] is None
@@ -57,10 +70,20 @@ async def test_sync_run_returns_terminal_body(platform: Any) -> None:
 
         history = (await http.get(f"/v1/runs/{body['run_id']}/events")).json()
         types = [e["type"] for e in history["events"]]
-        assert types == ["run.created", "run.compiled", "step.scheduled",
-                         "step.completed", "checkpoint.saved", "step.scheduled",
-                         "step.completed", "checkpoint.saved", "step.scheduled",
-                         "step.completed", "checkpoint.saved", "run.succeeded"]
+        assert types == [
+            "run.created",
+            "run.compiled",
+            "step.scheduled",
+            "step.completed",
+            "checkpoint.saved",
+            "step.scheduled",
+            "step.completed",
+            "checkpoint.saved",
+            "step.scheduled",
+            "step.completed",
+            "checkpoint.saved",
+            "run.succeeded",
+        ]
         assert [e["version"] for e in history["events"]] == list(range(1, 13))
         assert {e["metadata"].get("request_id") for e in history["events"]} == {resp.headers["x-request-id"]}
 
@@ -146,7 +169,12 @@ async def test_list_runs_filters_sorts_and_clamps(platform: Any) -> None:
         ({"input": "x", "spec": "- just\n- a list\n"}, 400, "invalid_request", "spec"),
         ({"input": "x", "spec": "a: &a [1]\nb: *a\n"}, 400, "invalid_request", "spec"),
         ({"input": "x" * 20001, "spec_path": SPEC}, 413, "payload_too_large", "input"),
-        ({"input": "x", "spec_path": SPEC, "metadata": {"k": "v" * 40000}}, 413, "payload_too_large", "metadata"),
+        (
+            {"input": "x", "spec_path": SPEC, "metadata": {"k": "v" * 40000}},
+            413,
+            "payload_too_large",
+            "metadata",
+        ),
         ({"input": "x", "spec": "x: " + "y" * 262200}, 413, "payload_too_large", "spec"),
     ],
 )
@@ -172,7 +200,7 @@ async def test_body_over_limit_is_413_before_routing_even_with_a_lying_length(pl
 
     async def chunks() -> Any:
         for i in range(0, len(big), 65536):
-            yield big[i:i + 65536]
+            yield big[i : i + 65536]
 
     async with httpx.AsyncClient(base_url=platform.url, timeout=30) as http:
         declared = await http.post("/v1/runs", content=big, headers={"content-type": "application/json"})
@@ -212,6 +240,5 @@ async def test_many_concurrent_runs_all_finish(platform: Any) -> None:
     async with AsyncServiceClient(platform.url) as client:
         bodies = await asyncio.gather(*(client.create_run(input=str(i), spec=FAST_SPEC) for i in range(40)))
     assert {b["status"] for b in bodies} == {"succeeded"}
-    completed = await platform.kernel.store.pool.fetchval(
-        "SELECT count(*) FROM events WHERE type = 'step.completed'")
+    completed = await platform.kernel.store.pool.fetchval("SELECT count(*) FROM events WHERE type = 'step.completed'")
     assert completed == 120

@@ -108,7 +108,8 @@ async def test_a_lost_command_delays_a_run_but_never_strands_it(platform_factory
     final = await _wait_status(store, run_id, {"succeeded", "failed"})
     assert final["status"] == "succeeded"
     completed = await store.pool.fetchval(
-        "SELECT count(*) FROM events WHERE stream_id = $1 AND type = 'step.completed'", f"run-{run_id}")
+        "SELECT count(*) FROM events WHERE stream_id = $1 AND type = 'step.completed'", f"run-{run_id}"
+    )
     assert completed == 3
 
 
@@ -116,8 +117,13 @@ async def test_a_poison_command_is_dead_lettered_and_the_queue_moves_on(platform
     from kneo_client.sdk import AsyncServiceClient
 
     p = await platform_factory(command_max_deliveries=3, command_retry_backoff_seconds=0.05)
-    poison = Command(command_id="poison-1", service="runner", name="execute_step", stream_id="run-ghost",
-                     data={"run_id": "ghost", "step_index": 0})
+    poison = Command(
+        command_id="poison-1",
+        service="runner",
+        name="execute_step",
+        stream_id="run-ghost",
+        data={"run_id": "ghost", "step_index": 0},
+    )
     await p.kernel.bus.publish_command(poison)
     async with AsyncServiceClient(p.url) as client:
         body = await client.create_run(input="x", spec=FAST_SPEC)

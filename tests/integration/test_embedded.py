@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import nats
 import pytest
+
 from kneo_events.embedded import (
     STATE_FILE,
     EmbeddedServer,
@@ -216,8 +217,7 @@ def test_port_taken_by_another_program(tmp_path: Path, ensure: Ensure, env_var: 
             ensure(tmp_path / "srv", port)
     message = str(caught.value)
     assert message == (
-        f"port {port} on 127.0.0.1 is in use by another program; "
-        f"set {env_var} to a free port or stop that program"
+        f"port {port} on 127.0.0.1 is in use by another program; set {env_var} to a free port or stop that program"
     )
     assert not (tmp_path / "srv" / STATE_FILE).exists()
 

@@ -60,7 +60,8 @@ async def test_two_runner_processes_share_one_queue(platform_factory: Any, spawn
         bodies = await asyncio.gather(*(client.create_run(input=str(i), spec=SLOW_SPEC) for i in range(24)))
     assert {b["status"] for b in bodies} == {"succeeded"}
     rows = await front.kernel.store.pool.fetch(
-        "SELECT metadata->>'runner' AS runner, count(*) AS n FROM events WHERE type = 'step.completed' GROUP BY 1")
+        "SELECT metadata->>'runner' AS runner, count(*) AS n FROM events WHERE type = 'step.completed' GROUP BY 1"
+    )
     by_runner = {r["runner"]: r["n"] for r in rows}
     assert set(by_runner) == {"runner-0", "runner-1"}, by_runner
     assert sum(by_runner.values()) == 72

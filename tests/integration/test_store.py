@@ -6,7 +6,9 @@ import asyncio
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.projections import fold_run
@@ -101,7 +103,13 @@ async def test_read_all_follows_global_order(store: EventStore) -> None:
         seen.extend(batch)
         pos = Position(batch[-1].tx_id, batch[-1].position)
     assert [(e.stream_id, e.version) for e in seen] == [
-        ("x-1", 1), ("x-1", 2), ("x-2", 1), ("x-2", 2), ("x-3", 1), ("x-3", 2)]
+        ("x-1", 1),
+        ("x-1", 2),
+        ("x-2", 1),
+        ("x-2", 2),
+        ("x-3", 1),
+        ("x-3", 2),
+    ]
     assert Position.decode(pos.encode()) == pos
 
 

@@ -76,10 +76,13 @@ def resolve_infra(settings: Settings, *, allow_embedded: bool = True) -> Infra:
     if settings.nats_url and settings.database_url:
         return Infra(settings)
     if not allow_embedded:
-        missing = [n for n, v in (("KNEO_NATS_URL", settings.nats_url), ("KNEO_DATABASE_URL", settings.database_url))
-                   if not v]
-        raise SystemExit(f"kneo: {' and '.join(missing)} must be set to run one service alone "
-                         "(or use `kneo service serve` for the embedded platform)")
+        missing = [
+            n for n, v in (("KNEO_NATS_URL", settings.nats_url), ("KNEO_DATABASE_URL", settings.database_url)) if not v
+        ]
+        raise SystemExit(
+            f"kneo: {' and '.join(missing)} must be set to run one service alone "
+            "(or use `kneo service serve` for the embedded platform)"
+        )
     from kneo_events import embedded
 
     data = settings.data_dir.resolve()
@@ -109,8 +112,9 @@ def resolve_infra(settings: Settings, *, allow_embedded: bool = True) -> Infra:
 async def open_kernel(settings: Settings, name: str, *, relay: bool, reconciler: bool) -> Kernel:
     """Connect the store and the bus, start the kernel's background tasks."""
     assert settings.database_url
-    store = await EventStore.connect(settings.database_url, schema=settings.database_schema,
-                                     max_size=settings.db_pool_size)
+    store = await EventStore.connect(
+        settings.database_url, schema=settings.database_schema, max_size=settings.db_pool_size
+    )
     try:
         bus = await Bus.connect(settings, name=name)
     except BaseException:
@@ -160,8 +164,7 @@ async def run_platform(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     workers = [s for s in services if s != "gateway"]
-    kernel = await open_kernel(settings, name=f"kneo-{'+'.join(services)}", relay=True,
-                               reconciler="runner" in services)
+    kernel = await open_kernel(settings, name=f"kneo-{'+'.join(services)}", relay=True, reconciler="runner" in services)
     server: _Server | None = None
     try:
         async with asyncio.TaskGroup() as tg:
@@ -172,9 +175,15 @@ async def run_platform(
             if "gateway" in services:
                 from kneo_gateway.app import create_app
 
-                config = uvicorn.Config(create_app(kernel), host=host or settings.host, port=port or settings.port,
-                                        log_level="warning", access_log=False, lifespan="on",
-                                        timeout_graceful_shutdown=5)
+                config = uvicorn.Config(
+                    create_app(kernel),
+                    host=host or settings.host,
+                    port=port or settings.port,
+                    log_level="warning",
+                    access_log=False,
+                    lifespan="on",
+                    timeout_graceful_shutdown=5,
+                )
                 server = _Server(config)
                 serve_task = tg.create_task(server.serve(), name="http")
                 while not server.started:
@@ -227,8 +236,12 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import orjson
 
-        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
+        out = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out).decode()

@@ -63,9 +63,12 @@ def serve(
     configure_logging(settings.log_level)
     infra = resolve_infra(settings)
     try:
+
         def ready(running: Any) -> None:
-            err.print(f"kneo: serving on {running.url}  (NATS {infra.settings.nats_url}, Postgres "
-                      f"{_redact_dsn(infra.settings.database_url)}); Ctrl-C to stop")
+            err.print(
+                f"kneo: serving on {running.url}  (NATS {infra.settings.nats_url}, Postgres "
+                f"{_redact_dsn(infra.settings.database_url)}); Ctrl-C to stop"
+            )
 
         run_sync(run_platform(infra.settings, ALL_SERVICES, host=host, port=port, on_ready=ready))
     finally:
@@ -88,8 +91,15 @@ def run_service(
     settings = _settings()
     configure_logging(settings.log_level)
     infra = resolve_infra(settings, allow_embedded=False)
-    run_sync(run_platform(infra.settings, (service,), host=host, port=port,
-                          on_ready=lambda r: err.print(f"kneo: {service} running" + (f" on {r.url}" if r.url else ""))))
+    run_sync(
+        run_platform(
+            infra.settings,
+            (service,),
+            host=host,
+            port=port,
+            on_ready=lambda r: err.print(f"kneo: {service} running" + (f" on {r.url}" if r.url else "")),
+        )
+    )
 
 
 @service_app.command("status")
@@ -107,6 +117,37 @@ def status(service_url: Annotated[str | None, typer.Option("--service-url")] = N
     raise typer.Exit(0 if resp.status_code == 200 else EXIT_FAILED)
 
 
+@service_app.command("rebuild-projections")
+def rebuild_projections(
+    projection: Annotated[str, typer.Argument(help="Which projection to rebuild: runs.")] = "runs",
+) -> None:
+    """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
+    from kneo_client.bootstrap import resolve_infra, run_sync
+    from kneo_events.projections import rebuild_runs
+    from kneo_events.store import EventStore
+
+    if projection != "runs":
+        err.print(f"kneo: unknown projection {projection!r}; choose: runs")
+        raise typer.Exit(2)
+    settings = _settings()
+    infra = resolve_infra(settings)
+
+    async def go() -> int:
+        assert infra.settings.database_url
+        store = await EventStore.connect(infra.settings.database_url, schema=infra.settings.database_schema)
+        try:
+            async with store.pool.acquire() as conn:
+                return await rebuild_runs(conn)
+        finally:
+            await store.close()
+
+    try:
+        count = run_sync(go())
+    finally:
+        infra.stop()
+    err.print(f"kneo: rebuilt {projection} from the log ({count} runs)")
+
+
 def _redact_dsn(dsn: str | None) -> str:
     if not dsn or "@" not in dsn:
         return dsn or ""
@@ -119,13 +160,20 @@ def _redact_dsn(dsn: str | None) -> str:
 # ----------------------------------------------------------------------------- run
 
 
-async def _submit_and_follow(client: AsyncServiceClient, spec: Path, run_input: str | None, env: str | None,
-                             target: str, follow: bool, as_json: bool) -> dict[str, Any]:
-    spec_text = spec.read_text(encoding="utf-8")
-    if not follow:
-        return await client.create_run(input=run_input, spec=spec_text, environment=env, target=target)
-    body = await client.create_run(input=run_input, spec=spec_text, environment=env, target=target, async_mode=True)
+async def _submit_and_follow(
+    client: AsyncServiceClient,
+    spec: Path,
+    run_input: str | None,
+    env: str | None,
+    target: str,
+    follow: bool,
+    as_json: bool,
+) -> dict[str, Any]:
+    spec_text = await asyncio.to_thread(spec.read_text, encoding="utf-8")
+    body = await client.create_run(input=run_input, spec=spec_text, environment=env, target=target, async_mode=follow)
     run_id = body["run_id"]
+    if not follow:
+        return {**body, **(await client.get_run(run_id))}
     if not as_json:
         err.print(f"[bold]run[/bold] {run_id}")
     current_step = None
@@ -143,7 +191,8 @@ async def _submit_and_follow(client: AsyncServiceClient, spec: Path, run_input: 
             out.print(f"\n[yellow]{ev.event}[/yellow] {data.get('data', data)}")
     if not as_json:
         out.print()
-    return await client.get_run(run_id)
+    state = await client.get_run(run_id)
+    return {**body, **state, "human_intervention_required": state["status"] == "paused"}
 
 
 def _print_run(state: dict[str, Any], as_json: bool) -> None:
@@ -179,8 +228,9 @@ def run_cmd(
     raise typer.Exit(0 if state["status"] in ("succeeded", "paused") else EXIT_FAILED)
 
 
-async def _run_remote(url: str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool,
-                      as_json: bool) -> dict[str, Any]:
+async def _run_remote(
+    url: str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool, as_json: bool
+) -> dict[str, Any]:
     import httpx
 
     async with AsyncServiceClient(url) as client:
@@ -198,8 +248,9 @@ def _exit_for(exc: ServiceError) -> int:
     return {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_FAILED)
 
 
-def _run_local(spec: Path, run_input: str | None, env: str | None, target: str, follow: bool,
-               as_json: bool) -> dict[str, Any]:
+def _run_local(
+    spec: Path, run_input: str | None, env: str | None, target: str, follow: bool, as_json: bool
+) -> dict[str, Any]:
     """Start the whole platform in this process (embedded servers), run over HTTP, stop."""
     from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
 

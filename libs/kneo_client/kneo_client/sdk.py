@@ -78,10 +78,17 @@ class AsyncServiceClient:
             raise ServiceError(resp.status_code, body)
         return body
 
-    async def create_run(self, *, input: str | None = None, spec_path: str | None = None,
-                         spec: str | dict[str, Any] | None = None, environment: str | None = None,
-                         target: str = "workflow", async_mode: bool = False,
-                         metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def create_run(
+        self,
+        *,
+        input: str | None = None,
+        spec_path: str | None = None,
+        spec: str | dict[str, Any] | None = None,
+        environment: str | None = None,
+        target: str = "workflow",
+        async_mode: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """``POST /v1/runs``."""
         payload: dict[str, Any] = {"input": input, "target": target, "async_mode": async_mode}
         if spec_path is not None:
@@ -110,8 +117,9 @@ class AsyncServiceClient:
         result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/events"))
         return result
 
-    async def stream_run(self, run_id: str, last_event_id: str | None = None,
-                         max_reconnects: int = 10) -> AsyncIterator[SseEvent]:
+    async def stream_run(
+        self, run_id: str, last_event_id: str | None = None, max_reconnects: int = 10
+    ) -> AsyncIterator[SseEvent]:
         """Follow ``GET /v1/runs/{run_id}/stream``; reconnects with ``Last-Event-ID`` after a dropped connection."""
         reconnects = 0
         while True:
@@ -119,8 +127,12 @@ class AsyncServiceClient:
             if last_event_id:
                 headers["Last-Event-ID"] = last_event_id
             try:
-                async with self.http.stream("GET", f"/v1/runs/{run_id}/stream", headers=headers,
-                                            timeout=httpx.Timeout(30.0, read=60.0)) as resp:
+                async with self.http.stream(
+                    "GET",
+                    f"/v1/runs/{run_id}/stream",
+                    headers=headers,
+                    timeout=httpx.Timeout(30.0, read=60.0),
+                ) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
                         self._check(resp)

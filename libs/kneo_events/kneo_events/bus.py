@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from kneo_events import subjects
 from kneo_events.schemas import Command, RecordedEvent, dumps, loads
@@ -192,7 +192,7 @@ class Bus:
             while not stop.is_set():
                 try:
                     msgs = await psub.fetch(self.settings.consumer_batch, timeout=1.0, heartbeat=0.4)
-                except (NatsTimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeoutError):
                     continue
                 except Exception as exc:  # connection trouble: the client reconnects; don't spin
                     if stop.is_set():
@@ -232,8 +232,13 @@ class Bus:
                     await msg.ack()
                 else:
                     delay = self.settings.command_retry_backoff_seconds * (2 ** (deliveries - 1))
-                    log.warning("command %s failed (delivery %d), retry in %.2fs: %r", cmd.command_id,
-                                deliveries, delay, exc)
+                    log.warning(
+                        "command %s failed (delivery %d), retry in %.2fs: %r",
+                        cmd.command_id,
+                        deliveries,
+                        delay,
+                        exc,
+                    )
                     await msg.nak(delay=delay)
                 return
             if not msg._ackd:  # the handler may have acked/nakked itself

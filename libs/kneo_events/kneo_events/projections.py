@@ -11,9 +11,11 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 from kneo_events.schemas import JSON, RecordedEvent
 
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired", "timed_out"})
 RUN_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled", "expired", "timed_out")
 
@@ -62,7 +64,7 @@ def _set_status(s: JSON, status: str) -> None:
         s["status"] = status
 
 
-def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:  # noqa: C901 - one branch per event type
+def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
     if etype == "run.created":
         s["run_id"] = d["run_id"]
         s["input"] = d.get("input")
@@ -80,7 +82,11 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:  # noqa: C901 - 
         s["workflow_name"] = d.get("workflow_name") or s["workflow_name"]
         s["workflow_kind"] = d.get("workflow_kind")
         s["step_count"] = d.get("step_count", 0)
-        s["metadata"] = {**s["metadata"], "plan_hash": d.get("plan_hash"), "workflow_kind": d.get("workflow_kind")}
+        s["metadata"] = {
+            **s["metadata"],
+            "plan_hash": d.get("plan_hash"),
+            "workflow_kind": d.get("workflow_kind"),
+        }
     elif etype == "step.scheduled":
         s["next_step"] = {
             "step_index": d["step_index"],
@@ -136,7 +142,7 @@ def _spec_agent_name(spec: JSON) -> str | None:
     return agent.get("name") if isinstance(agent, dict) else None
 
 
-async def project_run(conn: asyncpg.Connection, stream_id: str, events: list[RecordedEvent]) -> None:
+async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -> None:
     """Inline projector for ``run-*`` streams: keeps ``runs`` and ``run_plans`` current in the append's txn."""
     run_id = stream_id.removeprefix("run-")
     row = await conn.fetchrow("SELECT state FROM runs WHERE run_id = $1", run_id)
@@ -153,7 +159,7 @@ async def project_run(conn: asyncpg.Connection, stream_id: str, events: list[Rec
             )
 
 
-async def _upsert_run(conn: asyncpg.Connection, run_id: str, state: JSON) -> None:
+async def _upsert_run(conn: Conn, run_id: str, state: JSON) -> None:
     await conn.execute(
         """
         INSERT INTO runs (run_id, status, workflow_name, face, version, state, created_at, updated_at)
@@ -175,7 +181,7 @@ async def _upsert_run(conn: asyncpg.Connection, run_id: str, state: JSON) -> Non
 INLINE_PROJECTORS: dict[str, Any] = {"run": project_run}
 
 
-async def rebuild_runs(conn: asyncpg.Connection, batch: int = 1000) -> int:
+async def rebuild_runs(conn: Conn) -> int:
     """Truncate the run projections and fold the whole log into them again. Returns runs rebuilt."""
     async with conn.transaction():
         await conn.execute("LOCK TABLE runs, run_plans IN ACCESS EXCLUSIVE MODE")

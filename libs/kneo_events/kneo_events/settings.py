@@ -31,14 +31,14 @@ class Settings(BaseSettings):
     command_retry_backoff_seconds: float = Field(
         default=0.5, validation_alias=AliasChoices("KNEO_COMMAND_RETRY_BACKOFF_SECONDS")
     )
-    command_ack_wait_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_COMMAND_ACK_WAIT_SECONDS"))
+    command_ack_wait_seconds: float = Field(
+        default=30.0, validation_alias=AliasChoices("KNEO_COMMAND_ACK_WAIT_SECONDS")
+    )
     consumer_batch: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_BATCH"))
     consumer_concurrency: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_CONCURRENCY"))
     relay_grace_seconds: float = Field(default=2.0, validation_alias=AliasChoices("KNEO_RELAY_GRACE_SECONDS"))
     relay_interval_seconds: float = Field(default=1.0, validation_alias=AliasChoices("KNEO_RELAY_INTERVAL_SECONDS"))
-    reconcile_after_seconds: float = Field(
-        default=30.0, validation_alias=AliasChoices("KNEO_RECONCILE_AFTER_SECONDS")
-    )
+    reconcile_after_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_RECONCILE_AFTER_SECONDS"))
     reconcile_interval_seconds: float = Field(
         default=5.0, validation_alias=AliasChoices("KNEO_RECONCILE_INTERVAL_SECONDS")
     )
@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     max_human_content_chars: int = Field(
         default=20_000, validation_alias=AliasChoices("KNEO_SERV_MAX_HUMAN_CONTENT_CHARS")
     )
-    max_inline_spec_bytes: int = Field(default=262_144, validation_alias=AliasChoices("KNEO_SERV_MAX_INLINE_SPEC_BYTES"))
+    max_inline_spec_bytes: int = Field(
+        default=262_144, validation_alias=AliasChoices("KNEO_SERV_MAX_INLINE_SPEC_BYTES")
+    )
     max_overrides_bytes: int = Field(default=65_536, validation_alias=AliasChoices("KNEO_SERV_MAX_OVERRIDES_BYTES"))
     max_metadata_bytes: int = Field(default=32_768, validation_alias=AliasChoices("KNEO_SERV_MAX_METADATA_BYTES"))
     max_list_items: int = Field(default=100, validation_alias=AliasChoices("KNEO_SERV_MAX_LIST_ITEMS"))

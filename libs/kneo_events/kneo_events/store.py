@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
 
 import asyncpg
+import asyncpg.pool
 import orjson
 
 from kneo_events.errors import ConcurrencyConflict
@@ -26,7 +27,8 @@ from kneo_events.projections import INLINE_PROJECTORS
 from kneo_events.schemas import NewEvent, RecordedEvent
 from kneo_events.subjects import split_stream_id
 
-Projector = Callable[[asyncpg.Connection, str, list[RecordedEvent]], Awaitable[None]]
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+Projector = Callable[[Conn, str, list[RecordedEvent]], Awaitable[None]]
 
 _EVENT_COLUMNS = (
     "position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, recorded_at"
@@ -69,11 +71,11 @@ class AppendResult:
         return self.events[-1].version if self.events else 0
 
 
-def _record(row: Mapping[str, Any]) -> RecordedEvent:
-    return RecordedEvent.model_construct(**dict(row))
+def _record(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent.model_construct(**dict(row.items()))
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: Conn) -> None:
     for typ in ("jsonb", "json"):
         await conn.set_type_codec(
             typ,
@@ -153,7 +155,7 @@ class EventStore:
         expected_version: int | None,
         command_id: str | None = None,
         *,
-        conn: asyncpg.Connection | None = None,
+        conn: Conn | None = None,
     ) -> AppendResult:
         """Append ``events`` to ``stream_id`` atomically.
 
@@ -176,7 +178,7 @@ class EventStore:
 
     async def _append_in_tx(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         stream_id: str,
         events: Sequence[NewEvent],
         expected_version: int | None,
@@ -197,9 +199,7 @@ class EventStore:
         if not events:
             return AppendResult(stream_id, [], duplicate=False, outbox_id=None)
         if expected_version is None:
-            base = await conn.fetchval(
-                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
-            )
+            base = await conn.fetchval("SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id)
         else:
             base = expected_version
         rows = await conn.fetch(
@@ -277,7 +277,8 @@ class EventStore:
     async def events_by_ids(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
         """Events by id, in global order."""
         rows = await self.pool.fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position", event_ids
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position",
+            event_ids,
         )
         return [_record(r) for r in rows]
 
@@ -326,7 +327,7 @@ class EventStore:
         )
         return Position(int(row["tx_id"]), int(row["position"])) if row else START
 
-    async def save_checkpoint(self, name: str, pos: Position, conn: asyncpg.Connection | None = None) -> None:
+    async def save_checkpoint(self, name: str, pos: Position, conn: Conn | None = None) -> None:
         """Save a catch-up subscriber's position (pass ``conn`` to save it in the projection's transaction)."""
         sql = (
             "INSERT INTO subscriber_checkpoints (name, tx_id, position) VALUES ($1, $2::text::xid8, $3) "
@@ -348,7 +349,8 @@ class EventStore:
     async def get_run_with_plan(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """A run's projected state and its compiled plan (``None`` before ``run.compiled``)."""
         row = await self.pool.fetchrow(
-            "SELECT r.state, p.plan FROM runs r LEFT JOIN run_plans p USING (run_id) WHERE r.run_id = $1", run_id
+            "SELECT r.state, p.plan FROM runs r LEFT JOIN run_plans p USING (run_id) WHERE r.run_id = $1",
+            run_id,
         )
         if row is None:
             return None, None
@@ -358,9 +360,12 @@ class EventStore:
         self, *, status: str | None, limit: int, offset: int, sort_by: str, sort_order: str
     ) -> tuple[list[dict[str, Any]], int]:
         """A page of runs and the total count (``sort_by`` and ``sort_order`` must be pre-validated)."""
-        column = {"created_at": "created_at", "updated_at": "updated_at", "status": "status", "run_id": "run_id"}[
-            sort_by
-        ]
+        column = {
+            "created_at": "created_at",
+            "updated_at": "updated_at",
+            "status": "status",
+            "run_id": "run_id",
+        }[sort_by]
         order = "ASC" if sort_order == "asc" else "DESC"
         where = "WHERE status = $1" if status else "WHERE $1::text IS NULL"
         rows = await self.pool.fetch(

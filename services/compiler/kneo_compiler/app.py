@@ -25,7 +25,10 @@ SERVICE = "compiler"
 
 
 class CompilerService:
-    """Bus adapter: load the run, compile, append ``run.compiled`` + the first ``step.scheduled`` (or ``run.failed``)."""
+    """Bus adapter: load the run, compile, append ``run.compiled`` + the first ``step.scheduled``.
+
+    A spec that does not compile ends the run with ``run.failed`` carrying the diagnostics.
+    """
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
@@ -49,22 +52,43 @@ class CompilerService:
                 await self.kernel.bus.publish_command(follow)
             return
         created = (await store.read_stream(stream_id, 1, 1))[0]
-        meta = {"request_id": cmd.metadata.get("request_id"), "causation_id": cmd.command_id,
-                "correlation_id": run_id, "actor": cmd.metadata.get("actor", "system")}
+        meta = {
+            "request_id": cmd.metadata.get("request_id"),
+            "causation_id": cmd.command_id,
+            "correlation_id": run_id,
+            "actor": cmd.metadata.get("actor", "system"),
+        }
         commands: list[Command] = []
         try:
             plan = compile_spec(created.data["spec"], created.data.get("environment"))
         except SpecProblem as exc:
-            events = [new_event(RunFailed(error=str(exc), code="invalid_spec",
-                                          diagnostics=[d.model_dump() for d in exc.diagnostics]), meta)]
+            events = [
+                new_event(
+                    RunFailed(
+                        error=str(exc),
+                        code="invalid_spec",
+                        diagnostics=[d.model_dump() for d in exc.diagnostics],
+                    ),
+                    meta,
+                )
+            ]
         else:
             first = plan["steps"][0]
-            scheduled = StepScheduled(step_index=0, step_id=first["id"], attempt=1,
-                                      command_id=step_command_id(run_id, 0, 1))
+            scheduled = StepScheduled(
+                step_index=0, step_id=first["id"], attempt=1, command_id=step_command_id(run_id, 0, 1)
+            )
             events = [
-                new_event(RunCompiled(plan=plan, plan_hash=plan["hash"], agent_name=plan["agent"]["name"],
-                                      workflow_name=plan["workflow"]["name"], workflow_kind=plan["workflow"]["kind"],
-                                      step_count=len(plan["steps"])), meta),
+                new_event(
+                    RunCompiled(
+                        plan=plan,
+                        plan_hash=plan["hash"],
+                        agent_name=plan["agent"]["name"],
+                        workflow_name=plan["workflow"]["name"],
+                        workflow_kind=plan["workflow"]["kind"],
+                        step_count=len(plan["steps"]),
+                    ),
+                    meta,
+                ),
                 new_event(scheduled, meta),
             ]
             commands.append(execute_step_command(run_id, stream_id, scheduled, cmd.metadata))
@@ -79,4 +103,3 @@ class CompilerService:
     async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
         """Record a command that kept failing, and fail its run so nothing waits for it forever."""
         await self.kernel.dead_letter(cmd, msg.metadata.num_delivered, exc)
-

@@ -102,7 +102,7 @@ def parse_yaml(text: str | bytes) -> JSON:
         except UnicodeDecodeError as exc:
             raise SpecProblem([Diagnostic(code="E_SPEC_ENCODING", message=f"spec is not UTF-8 text: {exc}")]) from exc
     try:
-        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader is a SafeLoader
+        data = yaml.load(text, Loader=_SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise SpecProblem(
@@ -120,7 +120,13 @@ def parse_yaml(text: str | bytes) -> JSON:
         raise SpecProblem([Diagnostic(code="E_YAML_PARSE", message=str(exc))]) from exc
     if not isinstance(data, dict):
         raise SpecProblem(
-            [Diagnostic(code="E_SPEC_SHAPE", message="a spec must be a YAML mapping", suggestion="start with `version: v1`")]
+            [
+                Diagnostic(
+                    code="E_SPEC_SHAPE",
+                    message="a spec must be a YAML mapping",
+                    suggestion="start with `version: v1`",
+                )
+            ]
         )
     return data
 
@@ -178,7 +184,11 @@ def validate(raw: JSON, environment: str | None = None) -> tuple[Spec | None, li
     for i, step in enumerate(spec.workflow.steps):
         if step.id in seen:
             diags.append(
-                Diagnostic(code="E_DUPLICATE_ID", path=f"workflow.steps[{i}].id", message=f"duplicate step id {step.id!r}")
+                Diagnostic(
+                    code="E_DUPLICATE_ID",
+                    path=f"workflow.steps[{i}].id",
+                    message=f"duplicate step id {step.id!r}",
+                )
             )
         seen.add(step.id)
         if step.kind != "agent":

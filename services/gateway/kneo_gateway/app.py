@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from kneo_gateway.responses import JSONBody
 
 from kneo_events import __version__
 from kneo_events.kernel import Kernel
 from kneo_gateway import errors
 from kneo_gateway.live import LiveHub
 from kneo_gateway.middleware import BodyLimit, RequestContext
+from kneo_gateway.responses import JSONBody
 from kneo_gateway.routers import health, runs
 from kneo_gateway.state import Gateway
 

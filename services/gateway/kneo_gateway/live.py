@@ -57,7 +57,7 @@ class LiveHub:
         self._subs.clear()
 
     async def _on_event(self, msg: Msg) -> None:
-        run_id = msg.subject[len(self._evt_prefix):].split(".", 1)[0]
+        run_id = msg.subject[len(self._evt_prefix) :].split(".", 1)[0]
         targets = self.listeners.get(run_id)
         if targets:
             wire = loads(msg.data)
@@ -65,7 +65,7 @@ class LiveHub:
                 listener.push(("event", wire))
 
     async def _on_output(self, msg: Msg) -> None:
-        run_id = msg.subject[len(self._out_prefix):]
+        run_id = msg.subject[len(self._out_prefix) :]
         targets = self.listeners.get(run_id)
         if targets:
             chunk = loads(msg.data)

@@ -48,8 +48,11 @@ class RequestContext:
             if self.request_logs and log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 record: dict[str, Any] = {
-                    "event": "http_request", "request_id": rid, "method": scope.get("method"),
-                    "path": scope.get("path"), "status": status,
+                    "event": "http_request",
+                    "request_id": rid,
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                     "client": client[0] if client else None,
                 }
@@ -107,8 +110,22 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps({"error": "payload_too_large", "message": f"request body exceeds {self.max_bytes} bytes",
-                             "limit": self.max_bytes, "field": "body"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = orjson.dumps(
+            {
+                "error": "payload_too_large",
+                "message": f"request body exceeds {self.max_bytes} bytes",
+                "limit": self.max_bytes,
+                "field": "body",
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -35,8 +35,20 @@ class RunBody(BaseModel):
 
 
 PUBLIC_FIELDS = (
-    "run_id", "status", "agent_name", "workflow_name", "workflow_kind", "current_step_index", "current_node_id",
-    "visited_steps", "visited_nodes", "trace_event_count", "output_text", "error", "metadata", "created_at",
+    "run_id",
+    "status",
+    "agent_name",
+    "workflow_name",
+    "workflow_kind",
+    "current_step_index",
+    "current_node_id",
+    "visited_steps",
+    "visited_nodes",
+    "trace_event_count",
+    "output_text",
+    "error",
+    "metadata",
+    "created_at",
     "updated_at",
 )
 

@@ -51,24 +51,51 @@ class RunnerService:
         after_version = int(state["version"])
 
         async def sink(text: str, seq: int) -> None:
-            await self.kernel.bus.publish_output(run_id, {
-                "run_id": run_id, "step_index": step_index, "step_id": plan["steps"][step_index]["id"],
-                "attempt": attempt, "delivery": delivery, "seq": seq, "after_version": after_version, "text": text,
-            })
+            await self.kernel.bus.publish_output(
+                run_id,
+                {
+                    "run_id": run_id,
+                    "step_index": step_index,
+                    "step_id": plan["steps"][step_index]["id"],
+                    "attempt": attempt,
+                    "delivery": delivery,
+                    "seq": seq,
+                    "after_version": after_version,
+                    "text": text,
+                },
+            )
 
         async with self.kernel.bus.keep_alive(msg, max(1.0, self.kernel.settings.command_ack_wait_seconds / 3)):
-            outcome = await execute_step(plan, state, step_index, attempt, sink,
-                                         self.kernel.settings.provider_timeout_seconds)
-        decision = decide(run_id, plan, state, step_index, attempt, outcome,
-                          self.kernel.settings.provider_retry_backoff_seconds)
-        meta = {"request_id": cmd.metadata.get("request_id"), "causation_id": cmd.command_id,
-                "correlation_id": run_id, "actor": "system", "runner": self.name}
+            outcome = await execute_step(
+                plan, state, step_index, attempt, sink, self.kernel.settings.provider_timeout_seconds
+            )
+        decision = decide(
+            run_id,
+            plan,
+            state,
+            step_index,
+            attempt,
+            outcome,
+            self.kernel.settings.provider_retry_backoff_seconds,
+        )
+        meta = {
+            "request_id": cmd.metadata.get("request_id"),
+            "causation_id": cmd.command_id,
+            "correlation_id": run_id,
+            "actor": "system",
+            "runner": self.name,
+        }
         events = [new_event(p, meta) for p in decision.events]
         stream_id = run_stream(run_id)
         nxt = execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata) if decision.next_step else None
         try:
-            await self.kernel.commit(stream_id, events, after_version, cmd.command_id,
-                                     [nxt] if nxt and not decision.delay_seconds else [])
+            await self.kernel.commit(
+                stream_id,
+                events,
+                after_version,
+                cmd.command_id,
+                [nxt] if nxt and not decision.delay_seconds else [],
+            )
         except ConcurrencyConflict:
             fresh = await self.kernel.store.get_run(run_id)
             if fresh is None or fresh["status"] not in ("queued", "running") or not should_run(fresh, cmd.command_id):

@@ -59,11 +59,17 @@ def should_run(state: JSON | None, command_id: str) -> bool:
 
 def _schedule(run_id: str, plan: JSON, index: int, attempt: int) -> StepScheduled:
     step = plan["steps"][index]
-    return StepScheduled(step_index=index, step_id=step["id"], attempt=attempt,
-                         command_id=step_command_id(run_id, index, attempt))
+    return StepScheduled(
+        step_index=index,
+        step_id=step["id"],
+        attempt=attempt,
+        command_id=step_command_id(run_id, index, attempt),
+    )
 
 
-def _advance(run_id: str, plan: JSON, state: JSON, index: int, last_output: Any) -> tuple[list[EventPayload], StepScheduled | None]:
+def _advance(
+    run_id: str, plan: JSON, state: JSON, index: int, last_output: Any
+) -> tuple[list[EventPayload], StepScheduled | None]:
     if index + 1 < len(plan["steps"]):
         nxt = _schedule(run_id, plan, index + 1, 1)
         return [nxt], nxt
@@ -71,21 +77,37 @@ def _advance(run_id: str, plan: JSON, state: JSON, index: int, last_output: Any)
     return [RunSucceeded(output_text=text)], None
 
 
-def decide(run_id: str, plan: JSON, state: JSON, step_index: int, attempt: int, outcome: Outcome,
-           retry_backoff_seconds: float) -> Decision:
+def decide(
+    run_id: str,
+    plan: JSON,
+    state: JSON,
+    step_index: int,
+    attempt: int,
+    outcome: Outcome,
+    retry_backoff_seconds: float,
+) -> Decision:
     """Turn one step outcome into the run's next events."""
     step = plan["steps"][step_index]
     if isinstance(outcome, StepSucceeded):
         outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
         events: list[EventPayload] = [
-            StepCompleted(step_index=step_index, step_id=step["id"], output=outcome.output, attempt=attempt,
-                          chunks=outcome.chunks, duration_ms=round(outcome.duration_ms, 3)),
+            StepCompleted(
+                step_index=step_index,
+                step_id=step["id"],
+                output=outcome.output,
+                attempt=attempt,
+                chunks=outcome.chunks,
+                duration_ms=round(outcome.duration_ms, 3),
+            ),
             CheckpointSaved(
                 sequence=int(state.get("checkpoint_count", 0)) + 1,
                 step_index=step_index,
                 step_id=step["id"],
-                state={"step_outputs": outputs, "visited_steps": [*state.get("visited_steps", []), step["id"]],
-                       "next_step_index": step_index + 1},
+                state={
+                    "step_outputs": outputs,
+                    "visited_steps": [*state.get("visited_steps", []), step["id"]],
+                    "next_step_index": step_index + 1,
+                },
             ),
         ]
         more, nxt = _advance(run_id, plan, state, step_index, outcome.output)
@@ -95,15 +117,33 @@ def decide(run_id: str, plan: JSON, state: JSON, step_index: int, attempt: int, 
         backoff = retry_backoff_seconds * (2 ** (attempt - 1))
         nxt = _schedule(run_id, plan, step_index, attempt + 1)
         return Decision(
-            [StepRetrying(step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt,
-                          backoff_seconds=backoff), nxt],
+            [
+                StepRetrying(
+                    step_index=step_index,
+                    step_id=step["id"],
+                    error=outcome.error,
+                    attempt=attempt,
+                    backoff_seconds=backoff,
+                ),
+                nxt,
+            ],
             nxt,
             backoff,
         )
-    failed = StepFailed(step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt,
-                        retryable=outcome.retryable)
+    failed = StepFailed(
+        step_index=step_index,
+        step_id=step["id"],
+        error=outcome.error,
+        attempt=attempt,
+        retryable=outcome.retryable,
+    )
     if step.get("on_error") == "continue":
         more, nxt = _advance(run_id, plan, state, step_index, state.get("output_text"))
         return Decision([failed, *more], nxt)
-    return Decision([failed, RunFailed(error=f"step {step['id']} failed: {outcome.error}", code="step_failed",
-                                       step_id=step["id"])], None)
+    return Decision(
+        [
+            failed,
+            RunFailed(error=f"step {step['id']} failed: {outcome.error}", code="step_failed", step_id=step["id"]),
+        ],
+        None,
+    )

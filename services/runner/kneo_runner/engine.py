@@ -31,7 +31,9 @@ class ProviderError(Exception):
 class Provider(Protocol):
     """What the runner needs from a model provider: a stream of text chunks for a prompt."""
 
-    def stream(self, *, instructions: str | None, prompt: str, params: JSON, seed: str, attempt: int) -> AsyncIterator[str]:
+    def stream(
+        self, *, instructions: str | None, prompt: str, params: JSON, seed: str, attempt: int
+    ) -> AsyncIterator[str]:
         """Yield the response in chunks."""
         ...
 
@@ -43,8 +45,9 @@ class DummyProvider:
     attempts of every step, default 0), ``fail_steps`` (list of step ids that always fail).
     """
 
-    async def stream(self, *, instructions: str | None, prompt: str, params: JSON, seed: str,
-                     attempt: int) -> AsyncIterator[str]:
+    async def stream(
+        self, *, instructions: str | None, prompt: str, params: JSON, seed: str, attempt: int
+    ) -> AsyncIterator[str]:
         if attempt <= int(params.get("fail_attempts", 0)):
             raise ProviderError(f"injected failure on attempt {attempt}")
         digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
@@ -52,8 +55,9 @@ class DummyProvider:
         latency = float(params.get("latency_ms", 0)) / 1000.0
         words = [_WORDS[b % len(_WORDS)] for b in digest[: n_chunks * 2]]
         head = prompt.strip().splitlines()[0][:80] if prompt.strip() else "the task"
-        pieces = [f"On {head}: "] + [f"{words[2 * i]} {words[2 * i + 1]}" + (", " if i < n_chunks - 1 else ".")
-                                     for i in range(n_chunks)]
+        pieces = [f"On {head}: "] + [
+            f"{words[2 * i]} {words[2 * i + 1]}" + (", " if i < n_chunks - 1 else ".") for i in range(n_chunks)
+        ]
         for piece in pieces:
             if latency:
                 await asyncio.sleep(latency)
@@ -80,8 +84,9 @@ def render_prompt(template: str | None, run_input: Any, outputs: JSON, step_id: 
     return _PLACEHOLDER.sub(sub, template)
 
 
-async def execute_step(plan: JSON, state: JSON, step_index: int, attempt: int, sink: ChunkSink,
-                       default_timeout: float | None) -> Outcome:
+async def execute_step(
+    plan: JSON, state: JSON, step_index: int, attempt: int, sink: ChunkSink, default_timeout: float | None
+) -> Outcome:
     """Run one step and return its outcome (never raises for a step failure)."""
     step = plan["steps"][step_index]
     agent = plan["agent"]
@@ -95,9 +100,13 @@ async def execute_step(plan: JSON, state: JSON, step_index: int, attempt: int, s
     parts: list[str] = []
     try:
         async with asyncio.timeout(timeout):
-            async for piece in provider.stream(instructions=agent.get("instructions"), prompt=prompt,
-                                               params=model.get("params") or {},
-                                               seed=f"{plan.get('spec_name')}:{step['id']}", attempt=attempt):
+            async for piece in provider.stream(
+                instructions=agent.get("instructions"),
+                prompt=prompt,
+                params=model.get("params") or {},
+                seed=f"{plan.get('spec_name')}:{step['id']}",
+                attempt=attempt,
+            ):
                 await sink(piece, len(parts))
                 parts.append(piece)
     except TimeoutError:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from kneo_gateway.responses import JSONBody
 
 from kneo_events import __version__
+from kneo_gateway.responses import JSONBody
 
 router = APIRouter(tags=["health"])
 
@@ -42,8 +42,10 @@ async def readyz(request: Request) -> JSONBody:
     checks = await _checks(request)
     failing = [k for k, v in checks.items() if not v["ok"]]
     if failing:
-        return JSONBody({"error": "not_ready", "message": f"not ready: {', '.join(failing)}",
-                               "checks": checks}, status_code=503)
+        return JSONBody(
+            {"error": "not_ready", "message": f"not ready: {', '.join(failing)}", "checks": checks},
+            status_code=503,
+        )
     return JSONBody({"ok": True, "checks": checks})
 
 

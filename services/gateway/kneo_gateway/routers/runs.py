@@ -7,16 +7,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import orjson
 import yaml
 from fastapi import APIRouter, Header, Query, Request
-from kneo_gateway.responses import JSONBody
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from kneo_events.errors import InvalidRequest, NotFound, PayloadTooLarge
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
 from kneo_events.schemas import RecordedEvent, RunCreated, compile_run_command, dumps, new_event
+from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
 from kneo_gateway.state import Gateway
 
@@ -39,24 +40,29 @@ def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | Non
     if body.spec is not None:
         raw = body.spec if isinstance(body.spec, str) else orjson.dumps(body.spec).decode()
         if len(raw.encode()) > s.max_inline_spec_bytes:
-            raise PayloadTooLarge(f"spec exceeds {s.max_inline_spec_bytes} bytes", field="spec",
-                                  limit=s.max_inline_spec_bytes)
+            raise PayloadTooLarge(
+                f"spec exceeds {s.max_inline_spec_bytes} bytes", field="spec", limit=s.max_inline_spec_bytes
+            )
         if isinstance(body.spec, dict):
             return body.spec, None
         return _parse(raw, "spec"), None
     if body.spec_path is None:
         raise InvalidRequest("a run needs a spec: give spec_path or an inline spec", field="spec_path")
     if len(body.spec_path) > s.max_path_chars:
-        raise PayloadTooLarge(f"spec_path exceeds {s.max_path_chars} characters", field="spec_path",
-                              limit=s.max_path_chars)
+        raise PayloadTooLarge(
+            f"spec_path exceeds {s.max_path_chars} characters", field="spec_path", limit=s.max_path_chars
+        )
     root = (s.spec_root or Path.cwd()).resolve()
     path = (root / body.spec_path).resolve()
     if not path.is_relative_to(root):
         raise InvalidRequest(f"spec_path must stay inside the service's spec root {root}", field="spec_path")
     try:
         if path.stat().st_size > s.max_inline_spec_bytes:
-            raise PayloadTooLarge(f"spec file exceeds {s.max_inline_spec_bytes} bytes", field="spec_path",
-                                  limit=s.max_inline_spec_bytes)
+            raise PayloadTooLarge(
+                f"spec file exceeds {s.max_inline_spec_bytes} bytes",
+                field="spec_path",
+                limit=s.max_inline_spec_bytes,
+            )
         text = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise InvalidRequest(f"spec_path not found: {body.spec_path}", field="spec_path") from None
@@ -68,8 +74,9 @@ def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | Non
 class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed in specs",
-                                              self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases are not allowed in specs", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -77,7 +84,7 @@ def _parse(text: str | bytes, field: str) -> dict[str, Any]:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_NoAliasLoader)
     except UnicodeDecodeError:
         raise InvalidRequest("the spec is not UTF-8 text", field=field) from None
     except yaml.YAMLError as exc:
@@ -98,17 +105,29 @@ async def create_run(body: RunRequest, request: Request) -> JSONBody:
     if body.input is not None and len(body.input) > s.max_input_chars:
         raise PayloadTooLarge(f"input exceeds {s.max_input_chars} characters", field="input", limit=s.max_input_chars)
     if body.metadata is not None and len(dumps(body.metadata)) > s.max_metadata_bytes:
-        raise PayloadTooLarge(f"metadata exceeds {s.max_metadata_bytes} bytes", field="metadata",
-                              limit=s.max_metadata_bytes)
-    spec, spec_path = _load_spec(gw, body)
+        raise PayloadTooLarge(
+            f"metadata exceeds {s.max_metadata_bytes} bytes", field="metadata", limit=s.max_metadata_bytes
+        )
+    if body.spec_path is not None and body.spec is None:  # file I/O off the event loop
+        spec, spec_path = await anyio.to_thread.run_sync(_load_spec, gw, body)
+    else:
+        spec, spec_path = _load_spec(gw, body)
     run_id = new_run_id()
     request.state.run_id = run_id
     stream_id = run_stream(run_id)
     rid = request.state.request_id
     meta = {"request_id": rid, "correlation_id": run_id, "actor": "anonymous"}
-    created = RunCreated(run_id=run_id, input=body.input, spec=spec, spec_path=spec_path, target=body.target,
-                         environment=body.environment, async_mode=body.async_mode, metadata=body.metadata or {},
-                         timeout_seconds=body.timeout_seconds)
+    created = RunCreated(
+        run_id=run_id,
+        input=body.input,
+        spec=spec,
+        spec_path=spec_path,
+        target=body.target,
+        environment=body.environment,
+        async_mode=body.async_mode,
+        metadata=body.metadata or {},
+        timeout_seconds=body.timeout_seconds,
+    )
     cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": "anonymous"})
     with gw.hub.listen(run_id) as listener:
         result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd])
@@ -132,7 +151,7 @@ async def _wait_settled(gw: Gateway, run_id: str, listener: Any, version: int, t
             return False
         try:
             kind, item = await asyncio.wait_for(listener.queue.get(), timeout=min(1.0, remaining))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             state = await gw.kernel.store.get_run(run_id)
             if state and (state["status"] in TERMINAL_STATUSES or state["status"] == "paused"):
                 return True
@@ -159,13 +178,31 @@ async def list_runs(
     if sort_order not in ("asc", "desc"):
         raise InvalidRequest("sort_order must be asc or desc", allowed=["asc", "desc"])
     limit = min(limit, gw.settings.max_list_items)
-    runs, total = await gw.kernel.store.list_runs(status=status, limit=limit, offset=offset, sort_by=sort_by,
-                                                  sort_order=sort_order)
-    items = [{"run_id": r["run_id"], "status": r["status"], "workflow_name": r.get("workflow_name"),
-              "workflow_kind": r.get("workflow_kind"), "created_at": r.get("created_at"),
-              "updated_at": r.get("updated_at")} for r in runs]
-    return JSONBody({"runs": items, "count": len(items), "total": total, "limit": limit, "offset": offset,
-                           "sort_by": sort_by, "sort_order": sort_order})
+    runs, total = await gw.kernel.store.list_runs(
+        status=status, limit=limit, offset=offset, sort_by=sort_by, sort_order=sort_order
+    )
+    items = [
+        {
+            "run_id": r["run_id"],
+            "status": r["status"],
+            "workflow_name": r.get("workflow_name"),
+            "workflow_kind": r.get("workflow_kind"),
+            "created_at": r.get("created_at"),
+            "updated_at": r.get("updated_at"),
+        }
+        for r in runs
+    ]
+    return JSONBody(
+        {
+            "runs": items,
+            "count": len(items),
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "sort_by": sort_by,
+            "sort_order": sort_order,
+        }
+    )
 
 
 async def _state_or_404(gw: Gateway, run_id: str) -> dict[str, Any]:
@@ -276,6 +313,8 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
                     continue
                 last_chunk = seq
                 if seq == 0 and int(item.get("delivery", 1)) > 1:
-                    yield ServerSentEvent(event="step.restarted", data=dumps(
-                        {"step_id": item["step_id"], "delivery": item["delivery"]}).decode())
+                    yield ServerSentEvent(
+                        event="step.restarted",
+                        data=dumps({"step_id": item["step_id"], "delivery": item["delivery"]}).decode(),
+                    )
                 yield ServerSentEvent(data=dumps(item).decode(), event="output", id=f"{after}.{seq}")

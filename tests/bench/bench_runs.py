@@ -1,0 +1,849 @@
+"""Run benchmark: the whole platform as a user starts it, driven over HTTP on 127.0.0.1.
+
+Run it with ``python -m tests.bench.bench_runs`` (``make bench``); ``--quick`` is a smoke run. For each variant it
+starts ``kneo service serve`` as a subprocess on fresh embedded NATS + PostgreSQL in a temporary directory
+(``two_runners`` also starts ``kneo service run runner`` against the same servers, so two processes pull from the
+runner queue), waits for ``/readyz``, warms up, then measures with ``tests/bench/three_step.yaml`` inlined in
+every request:
+
+* throughput: N sync runs (``async_mode: false``) at concurrency C: runs/s, POST→terminal percentiles, every run
+  checked to have succeeded (response bodies and ``GET /v1/runs?status=succeeded``), events appended per second
+  (``count(*)`` of the ``events`` table before/after), CPU% and RSS of every process of the platform;
+* sequential latency: runs one at a time, POST→terminal percentiles;
+* SSE: async POST, then ``GET /v1/runs/{id}/stream``: POST-sent → first SSE event and → first ``output`` chunk.
+
+Results go to ``bench/results/runs-<UTC timestamp>.json`` and ``bench/results/latest-runs.json``; a short table is
+printed. Every process it starts is stopped at the end (SIGTERM, SIGKILL after 20 s), also on error. Exit status 1
+when a variant failed or any run did not succeed. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC_FILE = Path(__file__).with_name("three_step.yaml")
+RESULTS_DIR = ROOT / "bench" / "results"
+VARIANTS = ("one_process", "two_runners")
+
+WARMUP_RUNS = 20
+SEQUENTIAL_RUNS = 200
+SSE_RUNS = 200
+QUICK_RUNS = 200
+QUICK_SEQUENTIAL = 50
+
+READY_TIMEOUT_S = 60.0  # spawn → /readyz 200 (includes initdb of a fresh cluster)
+STOP_TIMEOUT_S = 20.0  # SIGTERM → SIGKILL
+SERVER_GONE_TIMEOUT_S = 15.0  # serve exited → its embedded servers gone
+REQUEST_TIMEOUT_S = 90.0  # above the gateway's 30 s sync wait (KNEO_SERV_SYNC_WAIT_SECONDS)
+SETTLE_TIMEOUT_S = 60.0  # after a phase: how long a non-terminal run may take to finish before it counts as lost
+SSE_TIMEOUT_S = 30.0  # one SSE run: POST → terminal event
+TAIL_LINES = 40
+MIB = 1024 * 1024
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "timed_out"})
+STOP_EVENTS = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
+
+
+class BenchError(Exception):
+    """The platform did not start, answer, or stop as expected; the message says what was seen."""
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def pct(sorted_vals: list[float], p: float) -> float:
+    """Nearest-rank percentile of a sorted list (the same definition as ../shared/peers/common.py)."""
+    if not sorted_vals:
+        return float("nan")
+    k = max(0, min(len(sorted_vals) - 1, round(p / 100.0 * len(sorted_vals) + 0.5) - 1))
+    return sorted_vals[k]
+
+
+def summary(samples_s: list[float]) -> dict[str, float | int]:
+    """p50/p95/p99/mean/max in milliseconds of samples in seconds."""
+    ms = sorted(x * 1000.0 for x in samples_s)
+    if not ms:
+        return {"n": 0}
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 2),
+        "p95_ms": round(pct(ms, 95), 2),
+        "p99_ms": round(pct(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+        "max_ms": round(ms[-1], 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _kneo_executable() -> str:
+    exe = shutil.which("kneo", path=str(Path(sys.executable).parent)) or shutil.which("kneo")
+    if exe is None:
+        raise BenchError("the `kneo` command is not installed; run `make install` and use .venv/bin/python")
+    return exe
+
+
+def _base_env() -> dict[str, str]:
+    """This process's environment without anything that would point kneo at other servers or data."""
+    drop = (
+        "KNEO_NATS_URL",
+        "KNEO_DATABASE_URL",
+        "KNEO_SERV_DATABASE_URL",
+        "KNEO_DATABASE_SCHEMA",
+        "KNEO_BUS_PREFIX",
+        "KNEO_DATA_DIR",
+        "KNEO_EMBEDDED_NATS_PORT",
+        "KNEO_EMBEDDED_PG_PORT",
+        "KNEO_HOST",
+        "KNEO_PORT",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update({"KNEO_SERV_REQUEST_LOGS": "false", "KNEO_SERV_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@dataclass
+class Child:
+    """A subprocess this benchmark started, with its output files."""
+
+    name: str
+    args: list[str]
+    popen: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    proc: psutil.Process
+    exit_code: int | None = None
+
+
+@dataclass
+class Platform:
+    """``kneo service serve`` (plus an extra runner process for ``two_runners``) on fresh embedded servers."""
+
+    variant: str
+    workdir: Path
+    children: dict[str, Child] = field(default_factory=dict)
+    servers: dict[str, psutil.Process] = field(default_factory=dict)
+    url: str = ""
+    nats_url: str = ""
+    database_url: str = ""
+    startup_s: float = 0.0
+    stop_notes: list[str] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
+        out, err = self.workdir / f"{name}.stdout.log", self.workdir / f"{name}.stderr.log"
+        with out.open("wb") as fo, err.open("wb") as fe:
+            # own session: a Ctrl-C in the terminal reaches the benchmark only, which then stops everything in order
+            popen = subprocess.Popen(
+                [_kneo_executable(), *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=fo,
+                stderr=fe,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        child = Child(name, args, popen, out, err, psutil.Process(popen.pid))
+        self.children[name] = child
+        return child
+
+    def start(self) -> None:
+        """Start serve, wait for /readyz, find the embedded servers, start the extra runner if the variant has one."""
+        port = free_port()
+        env = {
+            **_base_env(),
+            "KNEO_DATA_DIR": str(self.data_dir),
+            "KNEO_EMBEDDED_NATS_PORT": str(free_port()),
+            "KNEO_EMBEDDED_PG_PORT": str(free_port()),
+            "KNEO_RUNNER_NAME": "serve",
+        }
+        t0 = time.perf_counter()
+        serve = self._spawn("serve", ["service", "serve", "--host", "127.0.0.1", "--port", str(port)], env)
+        self.url = f"http://127.0.0.1:{port}"
+        self._wait_ready(serve)
+        self.startup_s = time.perf_counter() - t0
+        for name, sub in (("nats", "nats"), ("postgres", "pg")):
+            state_file = self.data_dir / sub / "kneo-server.json"
+            try:
+                state = json.loads(state_file.read_text())
+                self.servers[name] = psutil.Process(int(state["pid"]))
+            except (OSError, ValueError, KeyError, psutil.Error) as exc:
+                raise BenchError(f"cannot read the embedded {name} server from {state_file}: {exc}") from None
+            if name == "nats":
+                self.nats_url = str(state["url"])
+            else:
+                self.database_url = str(state["url"])
+        if self.variant == "two_runners":
+            renv = {
+                **_base_env(),
+                "KNEO_NATS_URL": self.nats_url,
+                "KNEO_DATABASE_URL": self.database_url,
+                "KNEO_RUNNER_NAME": "runner-2",
+            }
+            runner = self._spawn("runner", ["service", "run", "runner"], renv)
+            self._wait_line(runner, "runner running")
+
+    def _check_alive(self, child: Child) -> None:
+        code = child.popen.poll()
+        if code is not None:
+            raise BenchError(f"`kneo {' '.join(child.args)}` exited with {code} before it was ready")
+
+    def _wait_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        last = "no answer"
+        while time.monotonic() < deadline:
+            self._check_alive(child)
+            try:
+                resp = httpx.get(f"{self.url}/readyz", timeout=2)
+                if resp.status_code == 200:
+                    return
+                last = f"{resp.status_code} {resp.text[:300]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}"
+            time.sleep(0.2)
+        raise BenchError(f"GET /readyz was not 200 within {READY_TIMEOUT_S:.0f} s (last: {last})")
+
+    def _wait_line(self, child: Child, needle: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._check_alive(child)
+            if needle in child.stderr.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{child.name} did not print {needle!r} within {READY_TIMEOUT_S:.0f} s")
+
+    def process_groups(self) -> dict[str, list[psutil.Process]]:
+        """The live processes of the platform, grouped: serve, runner, nats-server, postgres (postmaster + children)."""
+        groups: dict[str, list[psutil.Process]] = {}
+        for name, child in self.children.items():
+            if _alive(child.proc):
+                groups[name] = [child.proc]
+        if (nats := self.servers.get("nats")) is not None and _alive(nats):
+            groups["nats-server"] = [nats]
+        if (pg := self.servers.get("postgres")) is not None and _alive(pg):
+            with contextlib.suppress(psutil.Error):
+                groups["postgres"] = [pg, *pg.children(recursive=True)]
+        return groups
+
+    def tails(self) -> str:
+        """The last lines of every log this platform wrote (the subprocesses' output and the servers' logs)."""
+        parts = []
+        paths = [p for c in self.children.values() for p in (c.stderr, c.stdout)]
+        paths += [self.data_dir / "nats" / "nats.log", self.data_dir / "pg" / "postgres.log"]
+        for path in paths:
+            text = _tail(path)
+            if text.strip():
+                parts.append(f"--- {path} (last {TAIL_LINES} lines)\n{text}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """SIGTERM the extra runner, then serve (it stops its embedded servers); SIGKILL after 20 s; verify all gone."""
+        for name in ("runner", "serve"):
+            child = self.children.get(name)
+            if child is None:
+                continue
+            if child.popen.poll() is None:
+                child.popen.send_signal(signal.SIGTERM)
+                try:
+                    child.popen.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self.stop_notes.append(f"{name} still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: SIGKILL")
+                    child.popen.kill()
+                    child.popen.wait(5)
+            child.exit_code = child.popen.returncode
+            if child.exit_code not in (0, -signal.SIGTERM):
+                self.stop_notes.append(f"{name} exited with {child.exit_code}")
+        pg = self.servers.get("postgres")
+        watched = list(self.servers.items())
+        if pg is not None and _alive(pg):
+            with contextlib.suppress(psutil.Error):
+                watched += [("postgres child", p) for p in pg.children(recursive=True)]
+        deadline = time.monotonic() + SERVER_GONE_TIMEOUT_S
+        while time.monotonic() < deadline and any(_alive(p) for _, p in watched):
+            time.sleep(0.2)
+        for name, proc in watched:
+            if not _alive(proc):
+                continue
+            self.stop_notes.append(f"{name} (pid {proc.pid}) still running after serve stopped: stopped by the bench")
+            with contextlib.suppress(psutil.Error):
+                # postgres: SIGINT = fast shutdown; nats-server: SIGTERM = graceful
+                proc.send_signal(signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        for name, proc in watched:
+            with contextlib.suppress(psutil.Error):
+                if _alive(proc):
+                    try:
+                        proc.wait(STOP_TIMEOUT_S)
+                    except psutil.TimeoutExpired:
+                        self.stop_notes.append(f"{name} (pid {proc.pid}) ignored its stop signal: SIGKILL")
+                        proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ CPU / RSS
+
+
+def cpu_snapshot(groups: dict[str, list[psutil.Process]]) -> dict[str, dict[int, float]]:
+    """CPU seconds (user + system) per pid, per group."""
+    snap: dict[str, dict[int, float]] = {}
+    for name, procs in groups.items():
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                snap.setdefault(name, {})[proc.pid] = t.user + t.system
+    return snap
+
+
+def cpu_percent(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], wall_s: float
+) -> dict[str, float]:
+    """Average CPU% of each group over ``wall_s`` (100 = one core busy); pids new in ``after`` count in full."""
+    out: dict[str, float] = {}
+    for name, pids in after.items():
+        used = sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in pids.items())
+        out[name] = round(100.0 * used / wall_s, 1) if wall_s > 0 else 0.0
+    return out
+
+
+def rss_mib(groups: dict[str, list[psutil.Process]]) -> dict[str, Any]:
+    """Resident memory per group in MiB (postgres: the sum over its processes, which counts shared memory again)."""
+    out: dict[str, Any] = {}
+    for name, procs in groups.items():
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        out[name] = round(total / MIB, 1)
+    if "postgres" in groups:
+        out["postgres_processes"] = len(groups["postgres"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ HTTP phases
+
+
+@dataclass
+class Outcome:
+    """One sync run as the client saw it."""
+
+    latency_s: float
+    http_status: int | None
+    run_id: str | None
+    status: str | None
+    error: str | None = None
+
+
+def _headers() -> dict[str, str]:
+    key = os.environ.get("KNEO_API_KEY") or os.environ.get("KNEO_SERV_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _body(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+async def sync_run(client: httpx.AsyncClient, spec: str, i: int) -> Outcome:
+    """POST one sync run; the answer comes when the run is terminal (or after the gateway's sync wait: 202)."""
+    t0 = time.perf_counter()
+    try:
+        resp = await client.post("/v1/runs", json={"spec": spec, "input": f"bench {i}", "async_mode": False})
+    except httpx.HTTPError as exc:
+        return Outcome(time.perf_counter() - t0, None, None, None, f"{type(exc).__name__}: {exc}")
+    dt = time.perf_counter() - t0
+    body = _body(resp)
+    if not isinstance(body, dict) or resp.status_code not in (200, 202):
+        return Outcome(dt, resp.status_code, None, None, f"HTTP {resp.status_code}: {str(body)[:500]}")
+    status = body.get("status")
+    err = None if status == "succeeded" else f"HTTP {resp.status_code}: {json.dumps(body)[:500]}"
+    return Outcome(dt, resp.status_code, body.get("run_id"), status, err)
+
+
+async def run_pool(client: httpx.AsyncClient, spec: str, n: int, concurrency: int) -> tuple[list[Outcome], float]:
+    """``n`` sync runs with at most ``concurrency`` in flight; returns the outcomes and the wall time."""
+    outcomes: list[Outcome] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            outcomes.append(await sync_run(client, spec, i))
+
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(concurrency, n)):
+            tg.create_task(worker())
+    return outcomes, time.perf_counter() - t0
+
+
+async def succeeded_total(client: httpx.AsyncClient) -> int:
+    """``total`` of ``GET /v1/runs?status=succeeded``."""
+    resp = await client.get("/v1/runs", params={"status": "succeeded", "limit": 1})
+    if resp.status_code != 200:
+        raise BenchError(f"GET /v1/runs?status=succeeded answered {resp.status_code}: {resp.text[:500]}")
+    return int(resp.json()["total"])
+
+
+async def settle(client: httpx.AsyncClient, outcomes: list[Outcome]) -> dict[str, int]:
+    """Follow runs that were not terminal when their POST answered, up to SETTLE_TIMEOUT_S; final status counts."""
+    pending = {o.run_id for o in outcomes if o.run_id and o.status not in TERMINAL}
+    final: dict[str, int] = {}
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while pending and time.monotonic() < deadline:
+        for run_id in sorted(pending):
+            resp = await client.get(f"/v1/runs/{run_id}")
+            status = resp.json().get("status") if resp.status_code == 200 else f"http_{resp.status_code}"
+            if status in TERMINAL or resp.status_code != 200:
+                final[str(status)] = final.get(str(status), 0) + 1
+                pending.discard(run_id)
+        if pending:
+            await asyncio.sleep(0.5)
+    if pending:
+        final["still_not_terminal"] = len(pending)
+    return final
+
+
+def failure_report(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Counts of what the non-succeeded runs answered, and the first few answers verbatim."""
+    bad = [o for o in outcomes if o.status != "succeeded"]
+    kinds: dict[str, int] = {}
+    for o in bad:
+        key = f"http_{o.http_status}:{o.status}" if o.http_status else (o.error or "error").split(":")[0]
+        kinds[key] = kinds.get(key, 0) + 1
+    return {"non_succeeded": len(bad), "kinds": kinds, "samples": [o.error for o in bad[:5]]}
+
+
+async def events_count(conn: asyncpg.Connection) -> int:
+    """Rows in the event log."""
+    return int(await conn.fetchval("SELECT count(*) FROM events"))
+
+
+async def steps_by_runner(conn: asyncpg.Connection, after_position: int) -> dict[str, int]:
+    """Step commands handled per runner process since ``after_position`` (the runner's name is in each event)."""
+    rows = await conn.fetch(
+        "SELECT metadata->>'runner' AS runner, count(DISTINCT metadata->>'causation_id') AS steps FROM events "
+        "WHERE position > $1 AND metadata ? 'runner' GROUP BY 1 ORDER BY 1",
+        after_position,
+    )
+    return {str(r["runner"]): int(r["steps"]) for r in rows}
+
+
+async def phase_throughput(
+    client: httpx.AsyncClient, plat: Platform, spec: str, n: int, concurrency: int
+) -> dict[str, Any]:
+    """N sync runs at concurrency C, with events/s, CPU% and RSS of every process of the platform."""
+    conn = await asyncpg.connect(plat.database_url, timeout=10)
+    try:
+        ok_before = await succeeded_total(client)
+        ev_before = await events_count(conn)
+        pos_before = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+        groups = {**plat.process_groups(), "bench_client": [psutil.Process()]}
+        psutil.cpu_percent(None)
+        cpu_before = cpu_snapshot(groups)
+        outcomes, wall = await run_pool(client, spec, n, concurrency)
+        groups = {**plat.process_groups(), "bench_client": [psutil.Process()]}
+        cpu_after = cpu_snapshot(groups)
+        machine_busy = psutil.cpu_percent(None)
+        rss = rss_mib({k: v for k, v in groups.items() if k != "bench_client"})
+        ev_after = await events_count(conn)
+        late = await settle(client, outcomes)
+        ok_after = await succeeded_total(client)
+        split = await steps_by_runner(conn, pos_before)
+    finally:
+        await conn.close()
+    appended = ev_after - ev_before
+    verified = ok_after - ok_before
+    report = failure_report(outcomes)
+    return {
+        "n": n,
+        "concurrency": concurrency,
+        "wall_s": round(wall, 3),
+        "runs_per_s": round(n / wall, 1),
+        "latency": summary([o.latency_s for o in outcomes]),
+        **report,
+        "settled_later": late,
+        "verified_succeeded": verified,
+        "nothing_lost": report["non_succeeded"] == 0 and verified == n,
+        "events_appended": appended,
+        "events_per_s": round(appended / wall, 1),
+        "events_per_run": round(appended / n, 2),
+        "steps_by_runner": split,
+        "cpu_percent": {**cpu_percent(cpu_before, cpu_after, wall), "machine_busy_pct_of_all_cpus": machine_busy},
+        "rss_mib": rss,
+    }
+
+
+async def phase_sequential(client: httpx.AsyncClient, spec: str, n: int) -> dict[str, Any]:
+    """N sync runs one at a time."""
+    outcomes, wall = await run_pool(client, spec, n, 1)
+    return {
+        "n": n,
+        "wall_s": round(wall, 3),
+        "latency": summary([o.latency_s for o in outcomes]),
+        **failure_report(outcomes),
+    }
+
+
+@dataclass
+class SseSample:
+    """Timings of one async run followed over SSE, from the moment the POST was sent."""
+
+    post_s: float | None = None
+    first_event_s: float | None = None
+    first_event_type: str | None = None
+    first_output_s: float | None = None
+    terminal_s: float | None = None
+    terminal_type: str | None = None
+    error: str | None = None
+
+
+async def sse_run(client: httpx.AsyncClient, spec: str, i: int) -> SseSample:
+    """POST an async run, open its stream as soon as the POST answers, time the first event and first output."""
+    sample = SseSample()
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(SSE_TIMEOUT_S):
+            resp = await client.post("/v1/runs", json={"spec": spec, "input": f"sse {i}", "async_mode": True})
+            sample.post_s = time.perf_counter() - t0
+            body = _body(resp)
+            if resp.status_code != 202 or not isinstance(body, dict):
+                sample.error = f"POST HTTP {resp.status_code}: {str(body)[:500]}"
+                return sample
+            url = f"/v1/runs/{body['run_id']}/stream"
+            async with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as stream:
+                if stream.status_code != 200:
+                    await stream.aread()
+                    sample.error = f"stream HTTP {stream.status_code}: {stream.text[:500]}"
+                    return sample
+                event, has_data = "message", False
+                async for line in stream.aiter_lines():
+                    if line == "":
+                        if has_data:
+                            now = time.perf_counter() - t0
+                            if sample.first_event_s is None:
+                                sample.first_event_s, sample.first_event_type = now, event
+                            if event == "output" and sample.first_output_s is None:
+                                sample.first_output_s = now
+                            if event in STOP_EVENTS:
+                                sample.terminal_s, sample.terminal_type = now, event
+                                break
+                        event, has_data = "message", False
+                    elif line.startswith(":"):
+                        continue
+                    else:
+                        name, _, value = line.partition(":")
+                        if name == "event":
+                            event = value.strip()
+                        elif name == "data":
+                            has_data = True
+    except TimeoutError:
+        sample.error = f"no terminal event within {SSE_TIMEOUT_S:.0f} s"
+    except httpx.HTTPError as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"
+    if sample.error is None and sample.terminal_s is None:
+        sample.error = "the stream ended without a terminal event"
+    return sample
+
+
+async def phase_sse(client: httpx.AsyncClient, spec: str, n: int) -> dict[str, Any]:
+    """N async runs one at a time, each followed over SSE."""
+    samples = [await sse_run(client, spec, i) for i in range(n)]
+
+    def pick(attr: str) -> list[float]:
+        return [v for s in samples if (v := getattr(s, attr)) is not None]
+
+    first_types: dict[str, int] = {}
+    for s in samples:
+        if s.first_event_type:
+            first_types[s.first_event_type] = first_types.get(s.first_event_type, 0) + 1
+    bad = [s for s in samples if s.error or s.terminal_type != "run.succeeded"]
+    return {
+        "n": n,
+        "post_answered": summary(pick("post_s")),
+        "first_event": summary(pick("first_event_s")),
+        "first_event_types": first_types,
+        "first_output": summary(pick("first_output_s")),
+        "no_output_seen": sum(1 for s in samples if s.first_output_s is None),
+        "terminal_event": summary(pick("terminal_s")),
+        "non_succeeded": len(bad),
+        "samples": [s.error or f"terminal {s.terminal_type}" for s in bad[:5]],
+    }
+
+
+async def measure(plat: Platform, spec: str, runs: int, concurrency: int, sequential: int, sse: int) -> dict[str, Any]:
+    """Warm up, then the three phases, in order, against one running platform."""
+    limits = httpx.Limits(max_connections=concurrency + 20, max_keepalive_connections=concurrency + 20)
+    async with httpx.AsyncClient(
+        base_url=plat.url, http2=False, limits=limits, timeout=REQUEST_TIMEOUT_S, headers=_headers()
+    ) as client:
+        warm, _ = await run_pool(client, spec, WARMUP_RUNS, min(concurrency, WARMUP_RUNS))
+        if any(o.status != "succeeded" for o in warm):
+            raise BenchError(f"warm-up runs did not succeed: {json.dumps(failure_report(warm))}")
+        phases: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+            ("throughput", lambda: phase_throughput(client, plat, spec, runs, concurrency)),
+            ("sequential", lambda: phase_sequential(client, spec, sequential)),
+            ("sse", lambda: phase_sse(client, spec, sse)),
+        ]
+        out: dict[str, Any] = {"startup_s": round(plat.startup_s, 2)}
+        for name, phase in phases:
+            print(f"[{plat.variant}] {name} …", file=sys.stderr, flush=True)
+            out[name] = await phase()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def machine() -> dict[str, Any]:
+    """The facts a figure needs beside it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 0
+    return {
+        "cpus": cpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+    }
+
+
+def git_revision() -> str | None:
+    """The checked-out commit (with ``-dirty`` when the tree has changes), if this is a git checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev or None
+
+
+def _ms(d: dict[str, Any], key: str = "p50_ms") -> str:
+    v = d.get(key)
+    return f"{v:.1f}" if isinstance(v, int | float) else "-"
+
+
+def table(results: dict[str, Any]) -> str:
+    """A short human-readable table of the headline figures."""
+    rows = [("", *results.keys())]
+
+    def row(label: str, get: Callable[[dict[str, Any]], str]) -> None:
+        cells = []
+        for res in results.values():
+            try:
+                cells.append(get(res) if "error" not in res else "error")
+            except (KeyError, TypeError):
+                cells.append("-")
+        rows.append((label, *cells))
+
+    row("throughput runs/s", lambda r: f"{r['throughput']['runs_per_s']:.1f}")
+    row(
+        "  latency p50/p95/p99 ms",
+        lambda r: "/".join(_ms(r["throughput"]["latency"], k) for k in ("p50_ms", "p95_ms", "p99_ms")),
+    )
+    row(
+        "  non-succeeded / verified",
+        lambda r: f"{r['throughput']['non_succeeded']} / {r['throughput']['verified_succeeded']}",
+    )
+    row(
+        "  events/s (per run)", lambda r: f"{r['throughput']['events_per_s']:.0f} ({r['throughput']['events_per_run']})"
+    )
+    row(
+        "  CPU% serve/runner/nats/pg/client",
+        lambda r: "/".join(
+            f"{r['throughput']['cpu_percent'].get(k, 0):.0f}"
+            for k in ("serve", "runner", "nats-server", "postgres", "bench_client")
+        ),
+    )
+    row(
+        "  RSS MiB serve/runner/nats/pg",
+        lambda r: "/".join(
+            f"{r['throughput']['rss_mib'].get(k, 0):.0f}" for k in ("serve", "runner", "nats-server", "postgres")
+        ),
+    )
+    row(
+        "sequential p50/p95/p99 ms",
+        lambda r: "/".join(_ms(r["sequential"]["latency"], k) for k in ("p50_ms", "p95_ms", "p99_ms")),
+    )
+    row(
+        "POST→first SSE event p50/p95/p99 ms",
+        lambda r: "/".join(_ms(r["sse"]["first_event"], k) for k in ("p50_ms", "p95_ms", "p99_ms")),
+    )
+    row(
+        "POST→first output p50/p95/p99 ms",
+        lambda r: "/".join(_ms(r["sse"]["first_output"], k) for k in ("p50_ms", "p95_ms", "p99_ms")),
+    )
+    row("startup s", lambda r: f"{r['startup_s']:.1f}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def failed(res: dict[str, Any]) -> bool:
+    """A variant failed when it errored or any run of any phase did not succeed."""
+    if "error" in res:
+        return True
+    return (
+        not res["throughput"]["nothing_lost"]
+        or res["sequential"]["non_succeeded"] > 0
+        or res["sse"]["non_succeeded"] > 0
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_variant(variant: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the platform for ``variant``, measure, stop; on failure the error and the logs' tails are the result.
+
+    The platform is stopped in ``finally``, so nothing is left running on an error or a Ctrl-C either.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=f"kneo-bench-{variant}-"))
+    plat = Platform(variant, workdir)
+    res: dict[str, Any]
+    try:
+        plat.start()
+        res = asyncio.run(measure(plat, spec, args.runs, args.concurrency, args.sequential, args.sse))
+    except Exception as exc:
+        res = {"error": _describe(exc)}
+    finally:
+        plat.stop()
+    res["processes_stopped"] = {
+        "exit_codes": {n: c.exit_code for n, c in plat.children.items()},
+        "notes": plat.stop_notes,
+    }
+    bad = failed(res)
+    if bad:
+        res["logs_tail"] = plat.tails()
+        what = f"FAILED: {res['error']}" if "error" in res else "some runs did not succeed"
+        print(f"[{variant}] {what}; logs:\n{res['logs_tail']}", file=sys.stderr)
+    if bad or args.keep_data or plat.stop_notes:
+        print(f"[{variant}] logs and data kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_runs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=None, help="throughput runs N (default 1000; --quick: 200)")
+    parser.add_argument("--concurrency", type=int, default=50, help="runs in flight in the throughput phase")
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=None,
+        help=f"runs of the sequential-latency phase (default {SEQUENTIAL_RUNS}; --quick: {QUICK_SEQUENTIAL})",
+    )
+    parser.add_argument(
+        "--sse", type=int, default=None, help=f"runs of the SSE phase (default {SSE_RUNS}; --quick: {QUICK_SEQUENTIAL})"
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 50 sequential, 50 SSE")
+    parser.add_argument("--keep-data", action="store_true", help="keep each variant's temp dir (logs, data)")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (QUICK_RUNS if args.quick else 1000)
+    args.sequential = args.sequential or (QUICK_SEQUENTIAL if args.quick else SEQUENTIAL_RUNS)
+    args.sse = args.sse or (QUICK_SEQUENTIAL if args.quick else SSE_RUNS)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
+    if min(args.runs, args.concurrency, args.sequential, args.sse) < 1:
+        parser.error("--runs, --concurrency, --sequential and --sse must be positive")
+    args.variants = variants
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = SPEC_FILE.read_text()
+    started = datetime.now(UTC)
+    results: dict[str, Any] = {}
+    for variant in args.variants:
+        print(f"[{variant}] starting the platform …", file=sys.stderr, flush=True)
+        results[variant] = run_variant(variant, spec, args)
+    record = {
+        "ts": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "git": git_revision(),
+        "params": {
+            "runs": args.runs,
+            "concurrency": args.concurrency,
+            "sequential": args.sequential,
+            "sse": args.sse,
+            "warmup": WARMUP_RUNS,
+            "quick": args.quick,
+            "spec": str(SPEC_FILE.relative_to(ROOT)),
+            "variants": args.variants,
+        },
+        "results": results,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2) + "\n"
+    path = RESULTS_DIR / f"runs-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(text)
+    (RESULTS_DIR / "latest-runs.json").write_text(text)
+    m = record["machine"]
+    print(
+        f"\nKneo run benchmark, {record['ts']}, {m['cpus']} CPUs, Python {m['python']}; N={args.runs} "
+        f"C={args.concurrency}, {args.sequential} sequential, {args.sse} SSE\n"
+    )
+    print(table(results))
+    print(f"\nwritten: {path.relative_to(ROOT)} and {(RESULTS_DIR / 'latest-runs.json').relative_to(ROOT)}")
+    return 1 if any(failed(r) for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
