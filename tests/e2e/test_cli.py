@@ -68,7 +68,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def served(cli_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], dict[str, str]]]:
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [KNEO, "service", "serve", "--port", str(port)],
         env=cli_env,
