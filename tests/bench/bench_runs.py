@@ -364,6 +364,11 @@ def rss_mib(groups: dict[str, list[psutil.Process]]) -> dict[str, Any]:
         out[name] = round(total / MIB, 1)
     if "postgres" in groups:
         out["postgres_processes"] = len(groups["postgres"])
+        pss = 0
+        for proc in groups["postgres"]:
+            with contextlib.suppress(psutil.Error, AttributeError):
+                pss += proc.memory_full_info().pss  # shared pages divided among the processes: sums correctly
+        out["postgres_pss"] = round(pss / MIB, 1)
     return out
 
 
@@ -657,15 +662,22 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git_revision() -> str | None:
-    """The checked-out commit (with ``-dirty`` when the tree has changes), if this is a git checkout."""
+def _git(*args: str) -> str | None:
     try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return rev or None
+
+
+def git_state() -> dict[str, Any]:
+    """The checked-out commit and the files that differ from it: the code a figure was measured on."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "describe": _git("describe", "--always", "--dirty"),
+        "modified": [line[3:] for line in (status or "").splitlines()],
+    }
 
 
 def _ms(d: dict[str, Any], key: str = "p50_ms") -> str:
@@ -817,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "ts": started.isoformat(timespec="seconds"),
         "machine": machine(),
-        "git": git_revision(),
+        "git": git_state(),
         "params": {
             "runs": args.runs,
             "concurrency": args.concurrency,

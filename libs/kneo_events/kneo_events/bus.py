@@ -191,7 +191,7 @@ class Bus:
         async with asyncio.TaskGroup() as tg:
             while not stop.is_set():
                 try:
-                    msgs = await psub.fetch(self.settings.consumer_batch, timeout=1.0, heartbeat=0.4)
+                    msgs = await psub.fetch(self.settings.consumer_batch, timeout=1.0)
                 except (TimeoutError, NatsTimeoutError):
                     continue
                 except Exception as exc:  # connection trouble: the client reconnects; don't spin

@@ -50,8 +50,12 @@ class DummyProvider:
     ) -> AsyncIterator[str]:
         if attempt <= int(params.get("fail_attempts", 0)):
             raise ProviderError(f"injected failure on attempt {attempt}")
-        digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
         n_chunks = max(1, int(params.get("chunks", 6)))
+        digest = b""
+        block = f"{seed}\x00{prompt}".encode()
+        while len(digest) < n_chunks * 2:
+            block = hashlib.sha256(block).digest()
+            digest += block
         latency = float(params.get("latency_ms", 0)) / 1000.0
         words = [_WORDS[b % len(_WORDS)] for b in digest[: n_chunks * 2]]
         head = prompt.strip().splitlines()[0][:80] if prompt.strip() else "the task"
