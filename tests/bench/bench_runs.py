@@ -506,6 +506,9 @@ async def phase_throughput(
     finally:
         await conn.close()
     appended = ev_after - ev_before
+    cpu = cpu_percent(cpu_before, cpu_after, wall)
+    # what the rest of the machine used meanwhile (other users' tests, …), in the same unit: 100 = one core
+    other = max(0.0, machine_busy * machine()["cpus"] - sum(cpu.values()))
     verified = ok_after - ok_before
     report = failure_report(outcomes)
     return {
@@ -522,7 +525,8 @@ async def phase_throughput(
         "events_per_s": round(appended / wall, 1),
         "events_per_run": round(appended / n, 2),
         "steps_by_runner": split,
-        "cpu_percent": {**cpu_percent(cpu_before, cpu_after, wall), "machine_busy_pct_of_all_cpus": machine_busy},
+        "cpu_percent": {**cpu, "other_processes": round(other, 1), "machine_busy_pct_of_all_cpus": machine_busy},
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "rss_mib": rss,
     }
 
@@ -711,10 +715,10 @@ def table(results: dict[str, Any]) -> str:
         "  events/s (per run)", lambda r: f"{r['throughput']['events_per_s']:.0f} ({r['throughput']['events_per_run']})"
     )
     row(
-        "  CPU% serve/runner/nats/pg/client",
+        "  CPU% serve/runner/nats/pg/client/other",
         lambda r: "/".join(
             f"{r['throughput']['cpu_percent'].get(k, 0):.0f}"
-            for k in ("serve", "runner", "nats-server", "postgres", "bench_client")
+            for k in ("serve", "runner", "nats-server", "postgres", "bench_client", "other_processes")
         ),
     )
     row(
