@@ -89,7 +89,10 @@ class Kernel:
         """
         result = await self.store.append(stream_id, events, expected_version, command_id)
         if not result.duplicate and result.events:
-            self._queue.put_nowait(result)
+            try:
+                self._queue.put_nowait(result)
+            except asyncio.QueueFull:  # back-pressure: the outbox relay publishes it after the grace period
+                log.warning("publish queue full; %s v%d left to the relay", stream_id, result.version)
         for cmd in commands:
             try:
                 await self.bus.publish_command(cmd)

@@ -309,6 +309,14 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
                     return
             else:
                 after, seq = int(item["after_version"]), int(item["seq"])
+                if after > last_version:
+                    # The chunk outran the event it follows (published by another process): that event is
+                    # committed, so read it from the log first.
+                    async for ev in catch_up(after):
+                        last_version, last_chunk = ev.version, -1
+                        yield _event_sse(ev.wire())
+                        if ev.type in _STOP_TYPES:
+                            return
                 if after != last_version or seq <= last_chunk:
                     continue
                 last_chunk = seq
