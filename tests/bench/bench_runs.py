@@ -60,7 +60,8 @@ SERVER_GONE_TIMEOUT_S = 15.0  # serve exited → its embedded servers gone
 REQUEST_TIMEOUT_S = 90.0  # above the gateway's 30 s sync wait (KNEO_SERV_SYNC_WAIT_SECONDS)
 SETTLE_TIMEOUT_S = 60.0  # after a phase: how long a non-terminal run may take to finish before it counts as lost
 SSE_TIMEOUT_S = 30.0  # one SSE run: POST → terminal event
-TAIL_LINES = 40
+TAIL_LINES = 40  # of each subprocess's output, on failure
+SERVER_TAIL_LINES = 12  # of nats.log / postgres.log
 MIB = 1024 * 1024
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "timed_out"})
@@ -130,22 +131,43 @@ def _kneo_executable() -> str:
     return exe
 
 
+# never inherited: the platform under test always gets its own fresh servers and data
+_DROPPED_ENV = (
+    "KNEO_NATS_URL",
+    "KNEO_DATABASE_URL",
+    "KNEO_SERV_DATABASE_URL",
+    "KNEO_DATABASE_SCHEMA",
+    "KNEO_BUS_PREFIX",
+    "KNEO_DATA_DIR",
+    "KNEO_EMBEDDED_NATS_PORT",
+    "KNEO_EMBEDDED_PG_PORT",
+    "KNEO_HOST",
+    "KNEO_PORT",
+)
+
+
+# always set: quiet servers, so logging costs no CPU the figures would include
+_FORCED_ENV = {"KNEO_SERV_REQUEST_LOGS": "false", "KNEO_SERV_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+
+
+def env_overrides() -> dict[str, str]:
+    """The ``KNEO_*`` settings this process passes on to the platform (an experiment's knobs; no secrets)."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith("KNEO_")
+        and k not in _DROPPED_ENV
+        and k not in _FORCED_ENV
+        and k != "KNEO_RUNNER_NAME"
+        and "KEY" not in k
+        and "SECRET" not in k
+    }
+
+
 def _base_env() -> dict[str, str]:
     """This process's environment without anything that would point kneo at other servers or data."""
-    drop = (
-        "KNEO_NATS_URL",
-        "KNEO_DATABASE_URL",
-        "KNEO_SERV_DATABASE_URL",
-        "KNEO_DATABASE_SCHEMA",
-        "KNEO_BUS_PREFIX",
-        "KNEO_DATA_DIR",
-        "KNEO_EMBEDDED_NATS_PORT",
-        "KNEO_EMBEDDED_PG_PORT",
-        "KNEO_HOST",
-        "KNEO_PORT",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update({"KNEO_SERV_REQUEST_LOGS": "false", "KNEO_SERV_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"})
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+    env.update(_FORCED_ENV)
     return env
 
 
@@ -278,12 +300,13 @@ class Platform:
     def tails(self) -> str:
         """The last lines of every log this platform wrote (the subprocesses' output and the servers' logs)."""
         parts = []
-        paths = [p for c in self.children.values() for p in (c.stderr, c.stdout)]
-        paths += [self.data_dir / "nats" / "nats.log", self.data_dir / "pg" / "postgres.log"]
-        for path in paths:
-            text = _tail(path)
+        paths = [(p, TAIL_LINES) for c in self.children.values() for p in (c.stderr, c.stdout)]
+        paths += [(self.data_dir / "nats" / "nats.log", SERVER_TAIL_LINES)]
+        paths += [(self.data_dir / "pg" / "postgres.log", SERVER_TAIL_LINES)]
+        for path, lines in paths:
+            text = _tail(path, lines)
             if text.strip():
-                parts.append(f"--- {path} (last {TAIL_LINES} lines)\n{text}")
+                parts.append(f"--- {path} (last {lines} lines)\n{text}")
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -668,19 +691,17 @@ def machine() -> dict[str, Any]:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def git_state() -> dict[str, Any]:
     """The checked-out commit and the files that differ from it: the code a figure was measured on."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no") or ""
     return {
-        "describe": _git("describe", "--always", "--dirty"),
-        "modified": [line[3:] for line in (status or "").splitlines()],
+        "describe": (_git("describe", "--always", "--dirty") or "").strip() or None,
+        "modified": [line[3:] for line in status.splitlines() if len(line) > 3],
     }
 
 
@@ -841,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
             "sse": args.sse,
             "warmup": WARMUP_RUNS,
             "quick": args.quick,
+            "env": env_overrides(),
             "spec": str(SPEC_FILE.relative_to(ROOT)),
             "variants": args.variants,
         },

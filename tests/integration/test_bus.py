@@ -129,13 +129,14 @@ async def test_a_poison_command_is_dead_lettered_and_the_queue_moves_on(platform
         body = await client.create_run(input="x", spec=FAST_SPEC)
     assert body["status"] == "succeeded"
     for _ in range(200):
-        rows = await p.kernel.store.read_stream("run-ghost")
+        rows = await p.kernel.store.read_stream("deadletter-poison-1")
         if rows:
             break
         await asyncio.sleep(0.05)
     assert [e.type for e in rows] == ["command.dead_lettered"]
     assert rows[0].data["command_id"] == "poison-1" and rows[0].data["deliveries"] == 3
     assert "not found" in rows[0].data["error"]
+    assert await p.kernel.store.get_run("ghost") is None, "a dead letter never creates a phantom run"
 
 
 @pytest.mark.parametrize("bad", [b"not json", b'{"command_id": 1}'])

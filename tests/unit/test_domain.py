@@ -126,10 +126,10 @@ def test_fold_run_lifecycle_and_terminal_is_final() -> None:
 def test_decide_success_schedules_next_then_succeeds() -> None:
     plan = compile_spec(SPEC)
     state = {"step_outputs": {}, "visited_steps": [], "checkpoint_count": 0}
-    d = decide("r", plan, state, 0, 1, StepSucceeded("out", 3, 1.0), 0.1)
+    d = decide("r", plan, state, 0, 1, StepSucceeded("out", 3, 1.0), 0.1, 1000.0)
     assert [e.type for e in d.events] == ["step.completed", "checkpoint.saved", "step.scheduled"]
     assert d.next_step and d.next_step.command_id == "r:step:1:1"
-    d2 = decide("r", plan, {**state, "checkpoint_count": 1}, 1, 1, StepSucceeded("fin", 1, 1.0), 0.1)
+    d2 = decide("r", plan, {**state, "checkpoint_count": 1}, 1, 1, StepSucceeded("fin", 1, 1.0), 0.1, 1000.0)
     assert [e.type for e in d2.events] == ["step.completed", "checkpoint.saved", "run.succeeded"]
     assert d2.events[1].sequence == 2 and d2.next_step is None
 
@@ -148,14 +148,14 @@ def test_decide_failure_retry_continue_and_fail() -> None:
     }
     plan = compile_spec(spec)
     state = {"step_outputs": {}, "visited_steps": []}
-    r = decide("r", plan, state, 0, 1, StepErrored("boom"), 0.1)
-    assert [e.type for e in r.events] == ["step.retrying", "step.scheduled"] and r.delay_seconds == 0.1
+    r = decide("r", plan, state, 0, 1, StepErrored("boom"), 0.1, 1000.0)
+    assert [e.type for e in r.events] == ["step.retrying", "step.scheduled"] and r.next_step.not_before == 1000.1
     assert r.next_step and r.next_step.attempt == 2
-    r3 = decide("r", plan, state, 0, 3, StepErrored("boom"), 0.1)
+    r3 = decide("r", plan, state, 0, 3, StepErrored("boom"), 0.1, 1000.0)
     assert [e.type for e in r3.events] == ["step.failed", "run.failed"]
-    c = decide("r", plan, state, 1, 1, StepErrored("meh"), 0.1)
+    c = decide("r", plan, state, 1, 1, StepErrored("meh"), 0.1, 1000.0)
     assert [e.type for e in c.events] == ["step.failed", "step.scheduled"] and c.next_step.step_id == "three"
-    f = decide("r", plan, state, 2, 1, StepErrored("fatal", retryable=False), 0.1)
+    f = decide("r", plan, state, 2, 1, StepErrored("fatal", retryable=False), 0.1, 1000.0)
     assert [e.type for e in f.events] == ["step.failed", "run.failed"]
 
 

@@ -143,8 +143,10 @@ class Kernel:
             events.append(
                 new_event(RunFailed(error=f"command {cmd.name} failed repeatedly: {exc!r}", code="dead_lettered"))
             )
+        # A command for a run that does not exist must not create one: record it on a stream of its own.
+        stream_id = cmd.stream_id if state is not None else f"deadletter-{cmd.command_id}"
         try:
-            await self.commit(cmd.stream_id, events, None, f"{cmd.command_id}:dead")
+            await self.commit(stream_id, events, None, f"{cmd.command_id}:dead")
         except Exception:
             log.exception("could not record the dead letter of %s", cmd.command_id)
 
@@ -184,6 +186,7 @@ class Kernel:
                         continue
                     stamp = int(asyncio.get_running_loop().time() * 1000)
                     await self.bus.publish_command(cmd, msg_id=f"{cmd.command_id}:reconcile:{stamp}")
+                    await self.store.extend_lease(str(state["run_id"]), after)  # one resend per deadline
                     resent.append(cmd.command_id)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _RECONCILER_LOCK)

@@ -93,6 +93,7 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             "step_id": d["step_id"],
             "attempt": d.get("attempt", 1),
             "command_id": d["command_id"],
+            "not_before": d.get("not_before"),
         }
         s["current_step_index"] = d["step_index"]
         s["current_node_id"] = d["step_id"]
@@ -147,6 +148,8 @@ async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -
     run_id = stream_id.removeprefix("run-")
     row = await conn.fetchrow("SELECT state FROM runs WHERE run_id = $1", run_id)
     state = fold_run(row["state"] if row else None, events)
+    if state["run_id"] is None:  # never a run without its run.created
+        return
     await _upsert_run(conn, run_id, state)
     for ev in events:
         if ev.type == "run.compiled":

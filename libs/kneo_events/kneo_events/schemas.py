@@ -171,6 +171,7 @@ class StepScheduled(EventPayload):
     step_id: str
     attempt: int = 1
     command_id: str
+    not_before: float | None = None  # epoch seconds: a retry waits for its backoff
 
 
 @register
@@ -305,7 +306,12 @@ def execute_step_command(run_id: str, stream_id: str, scheduled: StepScheduled, 
         service="runner",
         name="execute_step",
         stream_id=stream_id,
-        data={"run_id": run_id, "step_index": scheduled.step_index, "attempt": scheduled.attempt},
+        data={
+            "run_id": run_id,
+            "step_index": scheduled.step_index,
+            "attempt": scheduled.attempt,
+            "not_before": scheduled.not_before,
+        },
         metadata=metadata,
     )
 

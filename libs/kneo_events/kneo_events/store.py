@@ -381,8 +381,17 @@ class EventStore:
         """Runs that are neither terminal nor paused and made no progress within the deadline."""
         rows = await self.pool.fetch(
             "SELECT state FROM runs WHERE status IN ('queued', 'running') "
-            "AND updated_at < clock_timestamp() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+            "AND updated_at < clock_timestamp() - make_interval(secs => $1) "
+            "AND (lease_until IS NULL OR lease_until < clock_timestamp()) ORDER BY updated_at LIMIT $2",
             older_than_seconds,
             limit,
         )
         return [dict(r["state"]) for r in rows]
+
+    async def extend_lease(self, run_id: str, seconds: float) -> None:
+        """Mark a run as being worked on for ``seconds`` (the reconciler leaves it alone meanwhile)."""
+        await self.pool.execute(
+            "UPDATE runs SET lease_until = clock_timestamp() + make_interval(secs => $2) WHERE run_id = $1",
+            run_id,
+            seconds,
+        )

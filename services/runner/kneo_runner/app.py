@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import secrets
 import socket
+import time
 
 from nats.aio.msg import Msg
 
@@ -35,10 +38,16 @@ class RunnerService:
         run_id = str(cmd.data["run_id"])
         step_index = int(cmd.data["step_index"])
         attempt = int(cmd.data.get("attempt", 1))
-        state, plan = await self.kernel.store.get_run_with_plan(run_id)
-        if state is None or plan is None:
-            if state is None:
-                raise LookupError(f"run {run_id} not found (yet)")
+        not_before = cmd.data.get("not_before")
+        if not_before is not None and float(not_before) > time.time():
+            # A retry waiting for its backoff: let JetStream redeliver it then (no process holds it meanwhile).
+            await msg.nak(delay=float(not_before) - time.time())
+            return
+        store = self.kernel.store
+        state, plan = await store.get_run_with_plan(run_id)
+        if state is None:
+            raise LookupError(f"run {run_id} not found (yet)")
+        if plan is None:
             return
         if not should_run(state, cmd.command_id):
             # Stale, duplicate, or the run is finished. If this command's handling committed but crashed before
@@ -49,6 +58,8 @@ class RunnerService:
             return
         delivery = msg.metadata.num_delivered if msg.metadata else 1
         after_version = int(state["version"])
+        execution = secrets.token_hex(4)
+        step_id = plan["steps"][step_index]["id"]
 
         async def sink(text: str, seq: int) -> None:
             await self.kernel.bus.publish_output(
@@ -56,19 +67,37 @@ class RunnerService:
                 {
                     "run_id": run_id,
                     "step_index": step_index,
-                    "step_id": plan["steps"][step_index]["id"],
+                    "step_id": step_id,
                     "attempt": attempt,
                     "delivery": delivery,
+                    "execution": execution,
                     "seq": seq,
                     "after_version": after_version,
                     "text": text,
                 },
             )
 
-        async with self.kernel.bus.keep_alive(msg, max(1.0, self.kernel.settings.command_ack_wait_seconds / 3)):
+        ack_wait = self.kernel.settings.command_ack_wait_seconds
+
+        async def heartbeat() -> None:
+            # Long steps: keep the message ours (in-progress acks) and hold a lease so the reconciler doesn't
+            # resend a step that is still running. Steps shorter than one interval never write anything.
+            while True:
+                await asyncio.sleep(max(0.5, ack_wait / 3))
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                with contextlib.suppress(Exception):
+                    await store.extend_lease(run_id, max(ack_wait * 2, self.kernel.settings.reconcile_after_seconds))
+
+        beat = asyncio.create_task(heartbeat())
+        try:
             outcome = await execute_step(
                 plan, state, step_index, attempt, sink, self.kernel.settings.provider_timeout_seconds
             )
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
         decision = decide(
             run_id,
             plan,
@@ -77,6 +106,7 @@ class RunnerService:
             attempt,
             outcome,
             self.kernel.settings.provider_retry_backoff_seconds,
+            time.time(),
         )
         meta = {
             "request_id": cmd.metadata.get("request_id"),
@@ -89,22 +119,13 @@ class RunnerService:
         stream_id = run_stream(run_id)
         nxt = execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata) if decision.next_step else None
         try:
-            await self.kernel.commit(
-                stream_id,
-                events,
-                after_version,
-                cmd.command_id,
-                [nxt] if nxt and not decision.delay_seconds else [],
-            )
+            await self.kernel.commit(stream_id, events, after_version, cmd.command_id, [nxt] if nxt else [])
         except ConcurrencyConflict:
-            fresh = await self.kernel.store.get_run(run_id)
+            fresh = await store.get_run(run_id)
             if fresh is None or fresh["status"] not in ("queued", "running") or not should_run(fresh, cmd.command_id):
                 log.info("run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index)
                 return
             raise
-        if nxt and decision.delay_seconds:
-            await asyncio.sleep(decision.delay_seconds)
-            await self.kernel.bus.publish_command(nxt)
 
     async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
         """Record a step command that kept failing (the run fails instead of hanging)."""

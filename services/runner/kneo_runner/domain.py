@@ -42,11 +42,10 @@ Outcome = StepSucceeded | StepErrored
 
 @dataclass(frozen=True)
 class Decision:
-    """Events to append, the step to schedule next (if any), and how long to wait before sending it."""
+    """Events to append and the step to schedule next (if any; a retry carries its ``not_before``)."""
 
     events: list[EventPayload]
     next_step: StepScheduled | None
-    delay_seconds: float = 0.0
 
 
 def should_run(state: JSON | None, command_id: str) -> bool:
@@ -57,13 +56,14 @@ def should_run(state: JSON | None, command_id: str) -> bool:
     return isinstance(nxt, dict) and nxt.get("command_id") == command_id
 
 
-def _schedule(run_id: str, plan: JSON, index: int, attempt: int) -> StepScheduled:
+def _schedule(run_id: str, plan: JSON, index: int, attempt: int, not_before: float | None = None) -> StepScheduled:
     step = plan["steps"][index]
     return StepScheduled(
         step_index=index,
         step_id=step["id"],
         attempt=attempt,
         command_id=step_command_id(run_id, index, attempt),
+        not_before=not_before,
     )
 
 
@@ -85,6 +85,7 @@ def decide(
     attempt: int,
     outcome: Outcome,
     retry_backoff_seconds: float,
+    now: float,
 ) -> Decision:
     """Turn one step outcome into the run's next events."""
     step = plan["steps"][step_index]
@@ -115,7 +116,7 @@ def decide(
     max_attempts = 1 + int(step.get("max_retries") or 0)
     if outcome.retryable and attempt < max_attempts:
         backoff = retry_backoff_seconds * (2 ** (attempt - 1))
-        nxt = _schedule(run_id, plan, step_index, attempt + 1)
+        nxt = _schedule(run_id, plan, step_index, attempt + 1, not_before=round(now + backoff, 3))
         return Decision(
             [
                 StepRetrying(
@@ -128,7 +129,6 @@ def decide(
                 nxt,
             ],
             nxt,
-            backoff,
         )
     failed = StepFailed(
         step_index=step_index,

@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from kneo_events.errors import InvalidRequest, NotFound, PayloadTooLarge
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
-from kneo_events.schemas import RecordedEvent, RunCreated, compile_run_command, dumps, new_event
+from kneo_events.schemas import RunCreated, compile_run_command, dumps, new_event
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
 from kneo_gateway.state import Gateway
@@ -234,7 +234,7 @@ def _parse_last_event_id(raw: str | None) -> tuple[int, int]:
         return 0, -1
     version, _, chunk = raw.partition(".")
     try:
-        return int(version), int(chunk) if chunk else 10**9
+        return int(version), int(chunk) if chunk else -1
     except ValueError:
         raise InvalidRequest("Last-Event-ID must look like <version> or <version>.<chunk>") from None
 
@@ -264,65 +264,83 @@ async def stream_run(
     )
 
 
+class _Cursor:
+    """Where one SSE client is: the last event version sent and, within it, the output chunk and execution."""
+
+    def __init__(self, version: int, chunk: int) -> None:
+        self.version = version
+        self.chunk = chunk
+        self.execution: str | None = None
+        self.done = False
+
+    def event(self, wire: dict[str, Any]) -> ServerSentEvent:
+        self.version, self.chunk, self.execution = int(wire["version"]), -1, None
+        self.done = wire["type"] in _STOP_TYPES
+        return _event_sse(wire)
+
+
 async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: int) -> AsyncIterator[ServerSentEvent]:
     stream_id = run_stream(run_id)
     store = gw.kernel.store
+    cur = _Cursor(last_version, last_chunk)
+    idle_check = max(1.0, min(5.0, gw.settings.sse_heartbeat_seconds))
+
+    async def from_log(upto: int | None = None) -> list[ServerSentEvent]:
+        """Events after the cursor from the log (the truth), up to ``upto``; stops after a terminal one."""
+        out: list[ServerSentEvent] = []
+        for ev in await store.read_stream(stream_id, cur.version + 1):
+            if (upto is not None and ev.version > upto) or cur.done:
+                break
+            out.append(cur.event(ev.wire()))
+        return out
+
     with gw.hub.listen(run_id) as listener:  # listen first, then read history: nothing falls in between
-
-        async def catch_up(upto: int | None = None) -> AsyncIterator[RecordedEvent]:
-            for ev in await store.read_stream(stream_id, last_version + 1):
-                if upto is not None and ev.version > upto:
-                    break
-                yield ev
-
-        async for ev in catch_up():
-            last_version, last_chunk = ev.version, -1
-            yield _event_sse(ev.wire())
-            if ev.type in _STOP_TYPES:
-                return
-        while True:
+        for sse in await from_log():
+            yield sse
+        while not cur.done:
             if listener.lagged:
                 listener.lagged = False
                 while not listener.queue.empty():
                     listener.queue.get_nowait()
-                async for ev in catch_up():
-                    last_version, last_chunk = ev.version, -1
-                    yield _event_sse(ev.wire())
-                    if ev.type in _STOP_TYPES:
-                        return
+                for sse in await from_log():
+                    yield sse
                 yield ServerSentEvent(event="lagged", data='{"reason": "client too slow; output chunks skipped"}')
                 continue
-            kind, item = await listener.queue.get()
+            try:
+                kind, item = await asyncio.wait_for(listener.queue.get(), timeout=idle_check)
+            except TimeoutError:
+                # Quiet for a while: make sure no event was missed live (e.g. during a NATS reconnect).
+                for sse in await from_log():
+                    yield sse
+                continue
             if kind == "event":
                 version = int(item["version"])
-                if version <= last_version:
+                if version <= cur.version:
                     continue
-                if version > last_version + 1:  # arrived out of order or a publish is late: fill from the log
-                    async for ev in catch_up(version - 1):
-                        last_version, last_chunk = ev.version, -1
-                        yield _event_sse(ev.wire())
-                        if ev.type in _STOP_TYPES:
-                            return
-                last_version, last_chunk = version, -1
-                yield _event_sse(item)
-                if item["type"] in _STOP_TYPES:
-                    return
-            else:
-                after, seq = int(item["after_version"]), int(item["seq"])
-                if after > last_version:
-                    # The chunk outran the event it follows (published by another process): that event is
-                    # committed, so read it from the log first.
-                    async for ev in catch_up(after):
-                        last_version, last_chunk = ev.version, -1
-                        yield _event_sse(ev.wire())
-                        if ev.type in _STOP_TYPES:
-                            return
-                if after != last_version or seq <= last_chunk:
+                if version > cur.version + 1:  # out of order, or a publish is late: fill the gap from the log
+                    for sse in await from_log(version):
+                        yield sse
                     continue
-                last_chunk = seq
-                if seq == 0 and int(item.get("delivery", 1)) > 1:
+                yield cur.event(item)
+                continue
+            after, seq, execution = int(item["after_version"]), int(item["seq"]), item.get("execution")
+            if after > cur.version:
+                # The chunk outran the event it follows (another process published it): that event is committed.
+                for sse in await from_log(after):
+                    yield sse
+            if after != cur.version or cur.done:
+                continue
+            if execution != cur.execution:
+                # A new execution of the same step: the step was redelivered (runner crash) and streams again.
+                restarted = cur.execution is not None or int(item.get("delivery", 1)) > 1
+                cur.execution = execution
+                if restarted:
+                    cur.chunk = -1
                     yield ServerSentEvent(
                         event="step.restarted",
-                        data=dumps({"step_id": item["step_id"], "delivery": item["delivery"]}).decode(),
+                        data=dumps({"step_id": item["step_id"], "delivery": item.get("delivery")}).decode(),
                     )
-                yield ServerSentEvent(data=dumps(item).decode(), event="output", id=f"{after}.{seq}")
+            if seq <= cur.chunk:
+                continue
+            cur.chunk = seq
+            yield ServerSentEvent(data=dumps(item).decode(), event="output", id=f"{after}.{seq}")
