@@ -202,3 +202,13 @@ def test_service_run_requires_urls(cli_env: dict[str, str]) -> None:
     assert res.returncode != 0 and "KNEO_NATS_URL" in res.stderr
     bad = kneo(cli_env, "service", "run", "nope", timeout=30)
     assert bad.returncode == 2 and "gateway" in bad.stderr
+
+
+def test_unreachable_servers_are_one_line_errors(cli_env: dict[str, str]) -> None:
+    dead = free_port()
+    env = {**cli_env, "KNEO_NATS_URL": f"nats://127.0.0.1:{dead}", "KNEO_NATS_CONNECT_TIMEOUT_SECONDS": "2",
+           "KNEO_DATABASE_URL": "postgresql://kneo:secret@127.0.0.1:%d/kneo" % free_port()}
+    res = kneo(env, "service", "run", "runner", timeout=60)
+    assert res.returncode == 5, res.stderr
+    assert res.stderr.strip().count("\n") == 0
+    assert "cannot reach PostgreSQL" in res.stderr and "secret" not in res.stderr and "KNEO_DATABASE_URL" in res.stderr

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import asyncpg
 import uvicorn
 
 from kneo_events.bus import Bus
@@ -112,9 +113,15 @@ def resolve_infra(settings: Settings, *, allow_embedded: bool = True) -> Infra:
 async def open_kernel(settings: Settings, name: str, *, relay: bool, reconciler: bool) -> Kernel:
     """Connect the store and the bus, start the kernel's background tasks."""
     assert settings.database_url
-    store = await EventStore.connect(
-        settings.database_url, schema=settings.database_schema, max_size=settings.db_pool_size
-    )
+    try:
+        store = await EventStore.connect(
+            settings.database_url, schema=settings.database_schema, max_size=settings.db_pool_size
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(
+            f"cannot reach PostgreSQL at {redact_dsn(settings.database_url)} ({type(exc).__name__}); "
+            "check KNEO_DATABASE_URL"
+        ) from None
     try:
         bus = await Bus.connect(settings, name=name)
     except BaseException:
@@ -245,3 +252,13 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out).decode()
+
+
+def redact_dsn(dsn: str | None) -> str:
+    """A DSN with its password replaced by ``***`` (safe to print)."""
+    if not dsn or "@" not in dsn:
+        return dsn or ""
+    scheme, _, rest = dsn.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"

@@ -52,12 +52,19 @@ def _service_url(explicit: str | None) -> str | None:
 
 @service_app.command("serve")
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to bind.", envvar="KNEO_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.", envvar="KNEO_PORT")] = 8000,
     reload: Annotated[bool, typer.Option("--reload", help="Accepted for compatibility; has no effect.")] = False,
 ) -> None:
     """Run the Kneo FastAPI service (the whole platform; embedded NATS and Postgres when no URLs are set)."""
-    from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
+    from kneo_client.bootstrap import (
+        ALL_SERVICES,
+        configure_logging,
+        redact_dsn,
+        resolve_infra,
+        run_platform,
+        run_sync,
+    )
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -67,10 +74,13 @@ def serve(
         def ready(running: Any) -> None:
             err.print(
                 f"kneo: serving on {running.url}  (NATS {infra.settings.nats_url}, Postgres "
-                f"{_redact_dsn(infra.settings.database_url)}); Ctrl-C to stop"
+                f"{redact_dsn(infra.settings.database_url)}); Ctrl-C to stop"
             )
 
         run_sync(run_platform(infra.settings, ALL_SERVICES, host=host, port=port, on_ready=ready))
+    except ConnectionError as exc:
+        err.print(f"kneo: {exc}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
     finally:
         infra.stop()
     err.print("kneo: stopped")
@@ -79,8 +89,8 @@ def serve(
 @service_app.command("run")
 def run_service(
     service: Annotated[str, typer.Argument(help="gateway | compiler | runner | human | audit | webhooks")],
-    host: Annotated[str, typer.Option(help="Interface to bind (gateway).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind (gateway).")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to bind (gateway).", envvar="KNEO_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind (gateway).", envvar="KNEO_PORT")] = 8000,
 ) -> None:
     """Run one service alone against external servers (KNEO_NATS_URL and KNEO_DATABASE_URL)."""
     from kneo_client.bootstrap import ALL_SERVICES, configure_logging, resolve_infra, run_platform, run_sync
@@ -91,15 +101,19 @@ def run_service(
     settings = _settings()
     configure_logging(settings.log_level)
     infra = resolve_infra(settings, allow_embedded=False)
-    run_sync(
-        run_platform(
-            infra.settings,
-            (service,),
-            host=host,
-            port=port,
-            on_ready=lambda r: err.print(f"kneo: {service} running" + (f" on {r.url}" if r.url else "")),
+    try:
+        run_sync(
+            run_platform(
+                infra.settings,
+                (service,),
+                host=host,
+                port=port,
+                on_ready=lambda r: err.print(f"kneo: {service} running" + (f" on {r.url}" if r.url else "")),
+            )
         )
-    )
+    except ConnectionError as exc:
+        err.print(f"kneo: {exc}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
 
 
 @service_app.command("status")
@@ -146,15 +160,6 @@ def rebuild_projections(
     finally:
         infra.stop()
     err.print(f"kneo: rebuilt {projection} from the log ({count} runs)")
-
-
-def _redact_dsn(dsn: str | None) -> str:
-    if not dsn or "@" not in dsn:
-        return dsn or ""
-    scheme, _, rest = dsn.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
 
 
 # ----------------------------------------------------------------------------- run

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -58,14 +59,23 @@ class Bus:
     async def connect(cls, settings: Settings, name: str = "kneo") -> Bus:
         """Connect to ``settings.nats_url`` (bounded) and declare the streams."""
         assert settings.nats_url, "nats_url must be resolved before connecting"
-        nc = await nats.connect(
-            settings.nats_url,
-            name=name,
-            connect_timeout=5,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-        )
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    settings.nats_url,
+                    name=name,
+                    connect_timeout=5,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                ),
+                timeout=settings.nats_connect_timeout_seconds,
+            )
+        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+            raise ConnectionError(
+                f"cannot reach NATS at {settings.nats_url} within {settings.nats_connect_timeout_seconds:g}s "
+                f"({type(exc).__name__}); check KNEO_NATS_URL"
+            ) from None
         bus = cls(nc, nc.jetstream(timeout=10), settings)
         await bus.ensure_streams()
         return bus
@@ -91,6 +101,7 @@ class Bus:
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 storage=api.StorageType.FILE,
                 duplicate_window=120.0,
+                num_replicas=s.stream_replicas,
             ),
             api.StreamConfig(
                 name=self.names.events,
@@ -99,6 +110,7 @@ class Bus:
                 storage=api.StorageType.FILE,
                 max_age=s.events_max_age_days * 86400.0,
                 duplicate_window=120.0,
+                num_replicas=s.stream_replicas,
             ),
             api.StreamConfig(
                 name=self.names.output,
@@ -106,6 +118,7 @@ class Bus:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.MEMORY,
                 max_age=s.output_max_age_seconds,
+                num_replicas=s.stream_replicas,
             ),
         ]
         for cfg in configs:

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     embedded_nats_port: int = Field(default=4250, validation_alias=AliasChoices("KNEO_EMBEDDED_NATS_PORT"))
     embedded_pg_port: int = Field(default=5450, validation_alias=AliasChoices("KNEO_EMBEDDED_PG_PORT"))
     db_pool_size: int = Field(default=10, validation_alias=AliasChoices("KNEO_DB_POOL_SIZE"))
+    stream_replicas: int = Field(default=1, ge=1, le=5, validation_alias=AliasChoices("KNEO_STREAM_REPLICAS"))
+    nats_connect_timeout_seconds: float = Field(
+        default=10.0, validation_alias=AliasChoices("KNEO_NATS_CONNECT_TIMEOUT_SECONDS")
+    )
     # Names the JetStream streams/consumers so several platforms (e.g. tests) can share one NATS server.
     bus_prefix: str = Field(default="", validation_alias=AliasChoices("KNEO_BUS_PREFIX"))
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 JSON = dict[str, Any]
+DEFAULT_RETRIES = 3
 
 
 class Diagnostic(BaseModel):
@@ -54,7 +55,7 @@ class Step(BaseModel):
     prompt: str | None = None
     agent: str | None = None
     on_error: Literal["fail", "retry", "continue"] = "fail"
-    max_retries: int = Field(default=0, ge=0, le=20)
+    max_retries: int | None = Field(default=None, ge=0, le=20)
     timeout_seconds: float | None = Field(default=None, gt=0)
 
 
@@ -240,7 +241,10 @@ def compile_spec(raw: JSON, environment: str | None = None) -> JSON:
                 "kind": s.kind,
                 "prompt": s.prompt,
                 "on_error": s.on_error,
-                "max_retries": s.max_retries if s.on_error == "retry" or s.max_retries else 0,
+                # on_error: retry without an explicit max_retries retries up to DEFAULT_RETRIES times
+                "max_retries": s.max_retries
+                if s.max_retries is not None
+                else (DEFAULT_RETRIES if s.on_error == "retry" else 0),
                 "timeout_seconds": s.timeout_seconds,
             }
             for i, s in enumerate(spec.workflow.steps)
