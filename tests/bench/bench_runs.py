@@ -41,7 +41,11 @@ from typing import Any
 
 import asyncpg
 import httpx
+import nats
 import psutil
+from nats.aio.msg import Msg
+
+from kneo_events.ids import run_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_FILE = Path(__file__).with_name("three_step.yaml")
@@ -234,17 +238,9 @@ class Platform:
         self.url = f"http://127.0.0.1:{port}"
         self._wait_ready(serve)
         self.startup_s = time.perf_counter() - t0
-        for name, sub in (("nats", "nats"), ("postgres", "pg")):
-            state_file = self.data_dir / sub / "kneo-server.json"
-            try:
-                state = json.loads(state_file.read_text())
-                self.servers[name] = psutil.Process(int(state["pid"]))
-            except (OSError, ValueError, KeyError, psutil.Error) as exc:
-                raise BenchError(f"cannot read the embedded {name} server from {state_file}: {exc}") from None
-            if name == "nats":
-                self.nats_url = str(state["url"])
-            else:
-                self.database_url = str(state["url"])
+        problems = self._discover_servers()
+        if problems:
+            raise BenchError("; ".join(problems))
         if self.variant == "two_runners":
             renv = {
                 **_base_env(),
@@ -254,6 +250,28 @@ class Platform:
             }
             runner = self._spawn("runner", ["service", "run", "runner"], renv)
             self._wait_line(runner, "runner running")
+
+    def _discover_servers(self) -> list[str]:
+        """Find the embedded servers serve started from their ``kneo-server.json``; returns what went wrong."""
+        problems = []
+        for name, sub, binary in (("nats", "nats", "nats-server"), ("postgres", "pg", "postgres")):
+            if name in self.servers:
+                continue
+            state_file = self.data_dir / sub / "kneo-server.json"
+            try:
+                state = json.loads(state_file.read_text())
+                proc = psutil.Process(int(state["pid"]))
+                if binary not in proc.name():
+                    raise ValueError(f"pid {proc.pid} is {proc.name()!r}, not {binary}")
+            except (OSError, ValueError, KeyError, TypeError, psutil.Error) as exc:
+                problems.append(f"cannot find the embedded {name} server from {state_file}: {exc}")
+                continue
+            self.servers[name] = proc
+            if name == "nats":
+                self.nats_url = str(state["url"])
+            else:
+                self.database_url = str(state["url"])
+        return problems
 
     def _check_alive(self, child: Child) -> None:
         code = child.popen.poll()
@@ -311,6 +329,7 @@ class Platform:
 
     def stop(self) -> None:
         """SIGTERM the extra runner, then serve (it stops its embedded servers); SIGKILL after 20 s; verify all gone."""
+        self._discover_servers()  # also when start() failed half-way: what serve started must go too
         for name in ("runner", "serve"):
             child = self.children.get(name)
             if child is None:
@@ -334,7 +353,7 @@ class Platform:
         deadline = time.monotonic() + SERVER_GONE_TIMEOUT_S
         while time.monotonic() < deadline and any(_alive(p) for _, p in watched):
             time.sleep(0.2)
-        for name, proc in watched:
+        for name, proc in self.servers.items():  # the children of the postmaster follow it
             if not _alive(proc):
                 continue
             self.stop_notes.append(f"{name} (pid {proc.pid}) still running after serve stopped: stopped by the bench")
@@ -407,6 +426,7 @@ class Outcome:
     run_id: str | None
     status: str | None
     error: str | None = None
+    sent_at: float = 0.0  # wall clock (time.time()), comparable with the log's recorded_at on this machine
 
 
 def _headers() -> dict[str, str]:
@@ -423,18 +443,18 @@ def _body(resp: httpx.Response) -> Any:
 
 async def sync_run(client: httpx.AsyncClient, spec: str, i: int) -> Outcome:
     """POST one sync run; the answer comes when the run is terminal (or after the gateway's sync wait: 202)."""
-    t0 = time.perf_counter()
+    sent_at, t0 = time.time(), time.perf_counter()
     try:
         resp = await client.post("/v1/runs", json={"spec": spec, "input": f"bench {i}", "async_mode": False})
     except httpx.HTTPError as exc:
-        return Outcome(time.perf_counter() - t0, None, None, None, f"{type(exc).__name__}: {exc}")
+        return Outcome(time.perf_counter() - t0, None, None, None, f"{type(exc).__name__}: {exc}", sent_at)
     dt = time.perf_counter() - t0
     body = _body(resp)
     if not isinstance(body, dict) or resp.status_code not in (200, 202):
-        return Outcome(dt, resp.status_code, None, None, f"HTTP {resp.status_code}: {str(body)[:500]}")
+        return Outcome(dt, resp.status_code, None, None, f"HTTP {resp.status_code}: {str(body)[:500]}", sent_at)
     status = body.get("status")
     err = None if status == "succeeded" else f"HTTP {resp.status_code}: {json.dumps(body)[:500]}"
-    return Outcome(dt, resp.status_code, body.get("run_id"), status, err)
+    return Outcome(dt, resp.status_code, body.get("run_id"), status, err, sent_at)
 
 
 async def run_pool(client: httpx.AsyncClient, spec: str, n: int, concurrency: int) -> tuple[list[Outcome], float]:
@@ -505,12 +525,69 @@ async def steps_by_runner(conn: asyncpg.Connection, after_position: int) -> dict
     return {str(r["runner"]): int(r["steps"]) for r in rows}
 
 
+_BREAKDOWN_SQL = """
+WITH e AS (
+    SELECT stream_id, type, recorded_at,
+           lag(recorded_at) OVER (PARTITION BY stream_id ORDER BY version) AS prev_at,
+           lag(type) OVER (PARTITION BY stream_id ORDER BY version) AS prev_type
+    FROM events WHERE position > $1 AND stream_id LIKE 'run-%'
+)
+SELECT stream_id, prev_type, type, extract(epoch FROM recorded_at - prev_at)::float8 AS gap_s,
+       extract(epoch FROM recorded_at)::float8 AS at_s
+FROM e WHERE type IN ('run.created', 'run.compiled', 'step.completed', 'run.succeeded')
+"""
+
+
+async def breakdown(conn: asyncpg.Connection, after_position: int, outcomes: list[Outcome]) -> dict[str, Any]:
+    """Where the time of a sync run went, from the log's ``recorded_at`` (same machine, same clock as the client):
+    POST sent → ``run.created`` committed (HTTP, validation, the append), created → compiled, each step, created →
+    ``run.succeeded`` (the run in the platform), and succeeded → the client has the answer (the gateway noticing).
+    The caller adds ``succeeded_committed_to_bus``: ``run.succeeded`` committed → delivered by NATS to the bench."""
+    compile_s: list[float] = []
+    step_s: list[float] = []
+    created: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    for r in await conn.fetch(_BREAKDOWN_SQL, after_position):
+        if r["type"] == "run.created":
+            created[r["stream_id"]] = r["at_s"]
+        elif r["type"] == "run.succeeded":
+            finished[r["stream_id"]] = r["at_s"]
+        elif r["type"] == "run.compiled":
+            compile_s.append(r["gap_s"])
+        elif r["prev_type"] == "step.scheduled":
+            step_s.append(r["gap_s"])
+    to_created: list[float] = []
+    to_answer: list[float] = []
+    for o in outcomes:
+        sid = run_stream(o.run_id) if o.run_id else ""
+        if sid in created and sid in finished:
+            to_created.append(created[sid] - o.sent_at)
+            to_answer.append(o.sent_at + o.latency_s - finished[sid])
+    return {
+        "post_to_created": summary(to_created),
+        "created_to_compiled": summary(compile_s),
+        "step_scheduled_to_completed": summary(step_s),
+        "run_in_platform": summary([finished[k] - v for k, v in created.items() if k in finished]),
+        "succeeded_to_answer": summary(to_answer),
+    }
+
+
 async def phase_throughput(
     client: httpx.AsyncClient, plat: Platform, spec: str, n: int, concurrency: int
 ) -> dict[str, Any]:
     """N sync runs at concurrency C, with events/s, CPU% and RSS of every process of the platform."""
     conn = await asyncpg.connect(plat.database_url, timeout=10)
+    nc = await nats.connect(plat.nats_url, connect_timeout=5, allow_reconnect=False, name="kneo-bench")
+    bus_lag: list[float] = []
+
+    async def on_succeeded(msg: Msg) -> None:
+        received = time.time()
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            bus_lag.append(received - datetime.fromisoformat(json.loads(msg.data)["recorded_at"]).timestamp())
+
     try:
+        # run ids have no dots: one token; the gateway waits for exactly these messages to answer a sync POST
+        await nc.subscribe("kneo.evt.run.*.run.succeeded", cb=on_succeeded)
         ok_before = await succeeded_total(client)
         ev_before = await events_count(conn)
         pos_before = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
@@ -526,8 +603,12 @@ async def phase_throughput(
         late = await settle(client, outcomes)
         ok_after = await succeeded_total(client)
         split = await steps_by_runner(conn, pos_before)
+        where = await breakdown(conn, pos_before, outcomes)
+        where["succeeded_committed_to_bus"] = summary(bus_lag)
     finally:
         await conn.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
     appended = ev_after - ev_before
     cpu = cpu_percent(cpu_before, cpu_after, wall)
     # what the rest of the machine used meanwhile (other users' tests, …), in the same unit: 100 = one core
@@ -548,6 +629,7 @@ async def phase_throughput(
         "events_per_s": round(appended / wall, 1),
         "events_per_run": round(appended / n, 2),
         "steps_by_runner": split,
+        "breakdown": where,
         "cpu_percent": {**cpu, "other_processes": round(other, 1), "machine_busy_pct_of_all_cpus": machine_busy},
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "rss_mib": rss,
@@ -733,6 +815,18 @@ def table(results: dict[str, Any]) -> str:
         lambda r: f"{r['throughput']['non_succeeded']} / {r['throughput']['verified_succeeded']}",
     )
     row(
+        "  of which run in platform",
+        lambda r: "/".join(
+            _ms(r["throughput"]["breakdown"]["run_in_platform"], k) for k in ("p50_ms", "p95_ms", "p99_ms")
+        ),
+    )
+    row(
+        "  step scheduled→completed",
+        lambda r: "/".join(
+            _ms(r["throughput"]["breakdown"]["step_scheduled_to_completed"], k) for k in ("p50_ms", "p95_ms", "p99_ms")
+        ),
+    )
+    row(
         "  events/s (per run)", lambda r: f"{r['throughput']['events_per_s']:.0f} ({r['throughput']['events_per_run']})"
     )
     row(
@@ -795,6 +889,11 @@ def run_variant(variant: str, spec: str, args: argparse.Namespace) -> dict[str, 
         res = asyncio.run(measure(plat, spec, args.runs, args.concurrency, args.sequential, args.sse))
     except Exception as exc:
         res = {"error": _describe(exc)}
+        died = [
+            f"{c.name} exited with {c.popen.returncode}" for c in plat.children.values() if c.popen.poll() is not None
+        ]
+        if died:  # the likely cause of a connection error: say so first
+            res["error"] += f" ({', '.join(died)} during the benchmark)"
     finally:
         plat.stop()
     res["processes_stopped"] = {
@@ -847,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = SPEC_FILE.read_text()
     started = datetime.now(UTC)
+    code = git_state()  # before the runs: the code the platform processes import when they start
     results: dict[str, Any] = {}
     for variant in args.variants:
         print(f"[{variant}] starting the platform …", file=sys.stderr, flush=True)
@@ -854,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "ts": started.isoformat(timespec="seconds"),
         "machine": machine(),
-        "git": git_state(),
+        "git": code,
         "params": {
             "runs": args.runs,
             "concurrency": args.concurrency,

@@ -206,8 +206,12 @@ def test_service_run_requires_urls(cli_env: dict[str, str]) -> None:
 
 def test_unreachable_servers_are_one_line_errors(cli_env: dict[str, str]) -> None:
     dead = free_port()
-    env = {**cli_env, "KNEO_NATS_URL": f"nats://127.0.0.1:{dead}", "KNEO_NATS_CONNECT_TIMEOUT_SECONDS": "2",
-           "KNEO_DATABASE_URL": "postgresql://kneo:secret@127.0.0.1:%d/kneo" % free_port()}
+    env = {
+        **cli_env,
+        "KNEO_NATS_URL": f"nats://127.0.0.1:{dead}",
+        "KNEO_NATS_CONNECT_TIMEOUT_SECONDS": "2",
+        "KNEO_DATABASE_URL": f"postgresql://kneo:secret@127.0.0.1:{free_port()}/kneo",
+    }
     res = kneo(env, "service", "run", "runner", timeout=60)
     assert res.returncode == 5, res.stderr
     assert res.stderr.strip().count("\n") == 0

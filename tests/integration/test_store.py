@@ -175,3 +175,26 @@ async def _tail(store: EventStore) -> Position:
     while batch := await store.read_all(pos, limit=1000):
         pos = Position(batch[-1].tx_id, batch[-1].position)
     return pos
+
+
+async def test_one_round_trip_run_append_matches_the_generic_path(store: EventStore) -> None:
+    created = new_event(RunCreated(run_id="r2", input="hi", spec={"workflow": {"name": "wf"}, "agent": {"name": "a"}}))
+    res = await store.append("run-r2", [created], 0, prior_state=None)
+    assert res.version == 1 and res.outbox_id is not None and res.events[0].position > 0
+    state = await store.get_run("r2")
+    assert state == fold_run(None, await store.read_stream("run-r2"))
+    done = [new_event(RunSucceeded(output_text="ok"))]
+    with pytest.raises(ConcurrencyConflict):
+        await store.append("run-r2", done, 0, "c-1", prior_state=None)  # stale base
+    res2 = await store.append("run-r2", done, 1, "c-1", prior_state=state)
+    again = await store.append("run-r2", done, 1, "c-1", prior_state=state)
+    assert again.duplicate and [e.event_id for e in again.events] == [e.event_id for e in res2.events]
+    events = await store.read_stream("run-r2")
+    assert [e.type for e in events] == ["run.created", "run.succeeded"]
+    assert await store.get_run("r2") == fold_run(None, events)
+    racers = await asyncio.gather(
+        *(store.append("run-r2", [ev(i, "x.y")], 2, prior_state=await store.get_run("r2")) for i in range(5)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in racers) == 1
+    assert all(isinstance(r, ConcurrencyConflict) for r in racers if isinstance(r, BaseException))

@@ -12,12 +12,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -197,34 +197,41 @@ class Bus:
         poison command never blocks the queue.
         """
         await self.ensure_consumer(service)
-        psub = await self.js.pull_subscribe_bind(
-            self.consumer_name(service), stream=self.names.commands, inbox_prefix=self.nc.new_inbox().encode()
-        )
-        sem = asyncio.Semaphore(self.settings.consumer_concurrency)
-        async with asyncio.TaskGroup() as tg:
-            while not stop.is_set():
-                try:
-                    msgs = await psub.fetch(self.settings.consumer_batch, timeout=1.0)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
-                except Exception as exc:  # connection trouble: the client reconnects; don't spin
-                    if stop.is_set():
-                        break
-                    log.warning("fetch failed on %s: %s", service, exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    await sem.acquire()
-                    tg.create_task(self._handle(msg, handler, on_dead_letter, sem))
-        with contextlib.suppress(Exception):
-            await psub.unsubscribe()
+        puller = _Puller(self, service)
+        await puller.start()
+        limit = self.settings.consumer_concurrency
+        inflight = 0
+        idle = asyncio.Event()
+        idle.set()
+
+        def done(_: object) -> None:
+            nonlocal inflight
+            inflight -= 1
+            if inflight < limit:
+                idle.set()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while not stop.is_set():
+                    if inflight >= limit:  # back-pressure: pull no more than we can work on
+                        idle.clear()
+                        await idle.wait()
+                        continue
+                    await puller.request(limit - inflight)
+                    msg = await puller.next(timeout=0.5)
+                    if msg is None:
+                        continue
+                    inflight += 1
+                    task = tg.create_task(self._handle(msg, handler, on_dead_letter))
+                    task.add_done_callback(done)
+        finally:
+            await puller.close()
 
     async def _handle(
         self,
         msg: Msg,
         handler: CommandHandler,
         on_dead_letter: Callable[[Command, Msg, BaseException], Awaitable[None]],
-        sem: asyncio.Semaphore,
     ) -> None:
         try:
             try:
@@ -258,8 +265,6 @@ class Bus:
                 await msg.ack()
         except Exception:
             log.exception("ack failed for %s", msg.subject)
-        finally:
-            sem.release()
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, msg: Msg, interval: float) -> AsyncIterator[None]:
@@ -282,6 +287,75 @@ class Bus:
     async def subscribe_core(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> object:
         """A plain (non-JetStream) subscription, for live fan-out to SSE clients."""
         return await self.nc.subscribe(self.subject(subject), cb=cb)
+
+
+class _Puller:
+    """A continuous pull on one durable consumer: messages are handed out as they arrive, never held back.
+
+    (nats-py's ``fetch`` waits to fill its batch once it has a first message, which holds that message for up
+    to the fetch timeout.) We keep at most ``want`` messages requested ahead, as pull requests that expire after
+    a few seconds; the server's 404/408 status replies tell how many of a request went unused.
+    """
+
+    EXPIRES = 5.0
+
+    def __init__(self, bus: Bus, service: str) -> None:
+        self.bus = bus
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{bus.names.commands}.{bus.consumer_name(service)}"
+        self.inbox = bus.nc.new_inbox()
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.pending = 0  # requested, not yet delivered nor expired
+        self.last_request = 0.0
+        self.sub: Any = None
+
+    async def start(self) -> None:
+        async def on_msg(msg: Msg) -> None:
+            self.queue.put_nowait(msg)
+
+        self.sub = await self.bus.nc.subscribe(self.inbox, cb=on_msg)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.sub.unsubscribe()
+
+    async def request(self, want: int) -> None:
+        """Top the outstanding pull requests up to ``want`` messages (in batches, not one by one)."""
+        loop = asyncio.get_running_loop()
+        if self.pending and loop.time() - self.last_request > self.EXPIRES + 2:
+            self.pending = 0  # our requests expired without a status reply reaching us (e.g. a reconnect)
+        want = min(want, self.bus.settings.consumer_batch)
+        if self.pending > want // 2:
+            return
+        n = want - self.pending
+        if n <= 0:
+            return
+        body = dumps({"batch": n, "expires": int(self.EXPIRES * 1e9)})
+        try:
+            await self.bus.nc.publish(self.next_subject, body, reply=self.inbox)
+        except Exception as exc:  # disconnected: nats-py reconnects; try again shortly
+            log.debug("pull request failed: %r", exc)
+            await asyncio.sleep(0.2)
+            return
+        self.pending += n
+        self.last_request = loop.time()
+
+    async def next(self, timeout: float) -> Msg | None:
+        """The next command message, or ``None`` (timeout, or a status reply that was accounted for)."""
+        try:
+            msg = await asyncio.wait_for(self.queue.get(), timeout=timeout)
+        except TimeoutError:
+            return None
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and not msg.data and msg.headers and "Status" in str(msg.headers):
+            status = "unknown"
+        if status:
+            unused = msg.headers.get("Nats-Pending-Messages") if msg.headers else None
+            self.pending = max(0, self.pending - int(unused)) if unused else 0
+            if status not in ("404", "408", "409"):
+                log.warning("pull status %s %s", status, msg.headers.get("Description") if msg.headers else "")
+            return None
+        self.pending = max(0, self.pending - 1)
+        return msg
 
 
 async def delete_streams(bus: Bus) -> None:

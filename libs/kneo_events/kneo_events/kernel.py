@@ -30,7 +30,7 @@ from kneo_events.schemas import (
     new_event,
 )
 from kneo_events.settings import Settings
-from kneo_events.store import AppendResult, EventStore
+from kneo_events.store import UNKNOWN, AppendResult, EventStore
 
 log = logging.getLogger("kneo.kernel")
 _RECONCILER_LOCK = 0x4B4E4543
@@ -81,13 +81,15 @@ class Kernel:
         expected_version: int | None,
         command_id: str | None = None,
         commands: Sequence[Command] = (),
+        *,
+        prior_state: Any = UNKNOWN,
     ) -> AppendResult:
         """Append, queue the events for publishing, then send ``commands`` (after the commit, never before).
 
         On a repeated ``command_id`` nothing is appended and the commands are re-sent (they are idempotent), so a
         redelivered command whose first handling crashed after commit still moves the run on.
         """
-        result = await self.store.append(stream_id, events, expected_version, command_id)
+        result = await self.store.append(stream_id, events, expected_version, command_id, prior_state=prior_state)
         if not result.duplicate and result.events:
             try:
                 self._queue.put_nowait(result)

@@ -15,6 +15,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import asyncpg.pool
 import orjson
 
 from kneo_events.errors import ConcurrencyConflict
-from kneo_events.projections import INLINE_PROJECTORS
+from kneo_events.projections import INLINE_PROJECTORS, fold_run
 from kneo_events.schemas import NewEvent, RecordedEvent
 from kneo_events.subjects import split_stream_id
 
@@ -54,6 +55,7 @@ class Position(NamedTuple):
 
 
 START = Position(0, 0)
+UNKNOWN: Any = object()  # "the caller did not say what the run's prior state is"
 
 
 @dataclass(frozen=True)
@@ -156,13 +158,24 @@ class EventStore:
         command_id: str | None = None,
         *,
         conn: Conn | None = None,
+        prior_state: dict[str, Any] | object | None = UNKNOWN,
     ) -> AppendResult:
         """Append ``events`` to ``stream_id`` atomically.
 
         ``expected_version``: the stream's current version as the caller knows it (0 = the stream must not exist),
         or ``None`` to append at the end whatever it is. A mismatch raises :class:`ConcurrencyConflict`.
         ``command_id``: a repeated command returns the first append's events with ``duplicate=True``.
+        ``prior_state``: for a ``run-*`` stream, the run state the caller loaded at ``expected_version`` (``None``
+        for a new run). With it, the append, the projection update and the outbox entry take one round trip.
         """
+        if (
+            prior_state is not UNKNOWN
+            and conn is None
+            and expected_version is not None
+            and events
+            and split_stream_id(stream_id)[0] == "run"
+        ):
+            return await self._append_run(stream_id, events, expected_version, command_id, prior_state)
         if conn is None:
             async with self.pool.acquire() as c:
                 return await self.append(stream_id, events, expected_version, command_id, conn=c)
@@ -175,6 +188,71 @@ class EventStore:
             raise ConcurrencyConflict(
                 f"stream {stream_id} moved past version {expected_version}", stream_id=stream_id
             ) from exc
+
+    async def _append_run(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        base: int,
+        command_id: str | None,
+        prior_state: Any,
+    ) -> AppendResult:
+        at = datetime.now(UTC)
+        recorded = [
+            RecordedEvent.model_construct(
+                position=0,
+                tx_id=0,
+                stream_id=stream_id,
+                version=base + i,
+                event_id=e.event_id,
+                type=e.type,
+                data=e.data,
+                metadata=e.metadata,
+                recorded_at=at,
+            )
+            for i, e in enumerate(events, start=1)
+        ]
+        state = fold_run(prior_state, recorded)
+        compiled = next((e.data for e in events if e.type == "run.compiled"), None)
+        try:
+            rows = await self.pool.fetch(
+                "SELECT * FROM kneo_append_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                stream_id,
+                base,
+                command_id,
+                [e.event_id for e in events],
+                [e.type for e in events],
+                [e.data for e in events],
+                [e.metadata for e in events],
+                at,
+                state["run_id"],
+                state,
+                state["status"],
+                state["workflow_name"],
+                state["face"],
+                datetime.fromisoformat(state["created_at"]) if state["created_at"] else at,
+                compiled["plan_hash"] if compiled else None,
+                compiled["plan"] if compiled else None,
+            )
+        except (asyncpg.SerializationError, asyncpg.UniqueViolationError) as exc:
+            if isinstance(exc, asyncpg.UniqueViolationError) and "event_id" in (exc.constraint_name or ""):
+                raise
+            raise ConcurrencyConflict(
+                f"stream {stream_id} moved past version {base}", stream_id=stream_id, expected_version=base
+            ) from exc
+        if rows and rows[0]["outcome"] == "duplicate":
+            first = await self.pool.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE command_id = $1 ORDER BY position", command_id
+            )
+            return AppendResult(stream_id, [_record(r) for r in first], duplicate=True, outbox_id=None)
+        out: list[RecordedEvent] = []
+        outbox_id = None
+        for row, ev in zip((r for r in rows if r["outcome"] == "ok"), recorded, strict=True):
+            out.append(ev.model_copy(update={"position": row["out_position"], "tx_id": row["out_tx_id"]}))
+        for row in rows:
+            if row["outcome"] == "outbox":
+                outbox_id = int(row["out_outbox_id"])
+        return AppendResult(stream_id, out, duplicate=False, outbox_id=outbox_id)
 
     async def _append_in_tx(
         self,

@@ -93,7 +93,7 @@ class CompilerService:
             ]
             commands.append(execute_step_command(run_id, stream_id, scheduled, cmd.metadata))
         try:
-            await self.kernel.commit(stream_id, events, state["version"], cmd.command_id, commands)
+            await self.kernel.commit(stream_id, events, state["version"], cmd.command_id, commands, prior_state=state)
         except ConcurrencyConflict:
             fresh = await store.get_run(run_id)
             if fresh and fresh["status"] != "queued":

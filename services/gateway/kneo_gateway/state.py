@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 from kneo_events.kernel import Kernel
 from kneo_events.settings import Settings
@@ -16,3 +18,4 @@ class Gateway:
     settings: Settings
     kernel: Kernel
     hub: LiveHub
+    spec_cache: OrderedDict[tuple[bytes, str], dict[str, Any]] = field(default_factory=OrderedDict)

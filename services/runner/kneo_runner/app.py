@@ -119,7 +119,9 @@ class RunnerService:
         stream_id = run_stream(run_id)
         nxt = execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata) if decision.next_step else None
         try:
-            await self.kernel.commit(stream_id, events, after_version, cmd.command_id, [nxt] if nxt else [])
+            await self.kernel.commit(
+                stream_id, events, after_version, cmd.command_id, [nxt] if nxt else [], prior_state=state
+            )
         except ConcurrencyConflict:
             fresh = await store.get_run(run_id)
             if fresh is None or fresh["status"] not in ("queued", "running") or not should_run(fresh, cmd.command_id):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,7 +47,7 @@ def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | Non
             )
         if isinstance(body.spec, dict):
             return body.spec, None
-        return _parse(raw, "spec"), None
+        return _parse(gw, raw, "spec"), None
     if body.spec_path is None:
         raise InvalidRequest("a run needs a spec: give spec_path or an inline spec", field="spec_path")
     if len(body.spec_path) > s.max_path_chars:
@@ -68,7 +70,7 @@ def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | Non
         raise InvalidRequest(f"spec_path not found: {body.spec_path}", field="spec_path") from None
     except OSError as exc:
         raise InvalidRequest(f"spec_path unreadable: {exc.strerror}", field="spec_path") from None
-    return _parse(text, "spec_path"), str(body.spec_path)
+    return _parse(gw, text, "spec_path"), str(body.spec_path)
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -80,7 +82,22 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _parse(text: str | bytes, field: str) -> dict[str, Any]:
+def _parse(gw: Gateway, text: str | bytes, field: str) -> dict[str, Any]:
+    """Parse spec YAML, memoized per text (parsing in pure Python costs ~1 ms; clients resend the same specs)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    key = (hashlib.blake2b(raw, digest_size=16).digest(), field)
+    cached = gw.spec_cache.get(key)
+    if cached is not None:
+        gw.spec_cache.move_to_end(key)
+        return copy.deepcopy(cached)
+    data = _parse_uncached(text, field)
+    gw.spec_cache[key] = data
+    if len(gw.spec_cache) > 256:
+        gw.spec_cache.popitem(last=False)
+    return copy.deepcopy(data)
+
+
+def _parse_uncached(text: str | bytes, field: str) -> dict[str, Any]:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
@@ -130,7 +147,7 @@ async def create_run(body: RunRequest, request: Request) -> JSONBody:
     )
     cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": "anonymous"})
     with gw.hub.listen(run_id) as listener:
-        result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd])
+        result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
         if body.async_mode:
             state = await gw.kernel.store.get_run(run_id)
             return JSONBody(run_body(state or {"run_id": run_id, "status": "queued"}), status_code=202)
