@@ -192,8 +192,9 @@ async def test_one_round_trip_run_append_matches_the_generic_path(store: EventSt
     events = await store.read_stream("run-r2")
     assert [e.type for e in events] == ["run.created", "run.succeeded"]
     assert await store.get_run("r2") == fold_run(None, events)
+    current = await store.get_run("r2")
     racers = await asyncio.gather(
-        *(store.append("run-r2", [ev(i, "x.y")], 2, prior_state=await store.get_run("r2")) for i in range(5)),
+        *(store.append("run-r2", [ev(i, "x.y")], 2, prior_state=current) for i in range(5)),
         return_exceptions=True,
     )
     assert sum(not isinstance(r, BaseException) for r in racers) == 1
