@@ -8,7 +8,8 @@ every request:
 
 * throughput: N sync runs (``async_mode: false``) at concurrency C: runs/s, POST→terminal percentiles, every run
   checked to have succeeded (response bodies and ``GET /v1/runs?status=succeeded``), events appended per second
-  (``count(*)`` of the ``events`` table before/after), CPU% and RSS of every process of the platform;
+  (``count(*)`` of the ``events`` table before/after), CPU% and RSS of every process of the platform, and where
+  a run's time went (POST → ``run.created`` → steps → ``run.succeeded`` → on the bus → answered, from the log);
 * sequential latency: runs one at a time, POST→terminal percentiles;
 * SSE: async POST, then ``GET /v1/runs/{id}/stream``: POST-sent → first SSE event and → first ``output`` chunk.
 

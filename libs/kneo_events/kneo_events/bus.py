@@ -177,6 +177,18 @@ class Bus:
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
 
+    async def publish_events_nowait(self, events: Sequence[RecordedEvent]) -> list[asyncio.Future[Any]]:
+        """Publish committed events without waiting; returns the futures of their JetStream acks."""
+        return [
+            await self.js.publish_async(
+                self.event_subject(ev),
+                dumps(ev.wire()),
+                headers={"Nats-Msg-Id": str(ev.event_id)},
+                wait_stall=5.0,
+            )
+            for ev in events
+        ]
+
     async def publish_output(self, run_id: str, chunk: dict[str, object]) -> None:
         """Publish an ephemeral output chunk (no ack wait: chunks are best-effort by design)."""
         await self.nc.publish(self.subject(subjects.run_output(run_id)), dumps(chunk))

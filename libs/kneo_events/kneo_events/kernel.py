@@ -45,6 +45,10 @@ class Kernel:
     bus: Bus
     _queue: asyncio.Queue[AppendResult] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
     _done: list[int] = field(default_factory=list)
+    _ack_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # In-process listeners of committed events (the gateway's live hub when it shares this process): they hear
+    # of a commit at once instead of through the bus.
+    local_listeners: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -91,6 +95,8 @@ class Kernel:
         """
         result = await self.store.append(stream_id, events, expected_version, command_id, prior_state=prior_state)
         if not result.duplicate and result.events:
+            for listener in self.local_listeners:
+                listener(result.events)
             try:
                 self._queue.put_nowait(result)
             except asyncio.QueueFull:  # back-pressure: the outbox relay publishes it after the grace period
@@ -103,34 +109,49 @@ class Kernel:
         return result
 
     async def _publisher(self) -> None:
-        flush_every = 0.05
-        last_flush = asyncio.get_running_loop().time()
-        while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=flush_every)
-            except TimeoutError:
-                item = None
-            if item is not None:
-                batch = [item]
+        """Publish queued appends, pipelined: up to 8 batches wait for their acks at once, in order of sending."""
+        inflight = asyncio.Semaphore(8)
+        flusher = asyncio.create_task(self._flush_outbox_done())
+        try:
+            while True:
+                batch = [await self._queue.get()]
                 while not self._queue.empty() and len(batch) < 256:
                     batch.append(self._queue.get_nowait())
-                events = [e for r in batch for e in r.events]
+                await inflight.acquire()
                 try:
-                    await self.bus.publish_events(events)
-                    self._done.extend(r.outbox_id for r in batch if r.outbox_id is not None)
+                    acks = await self.bus.publish_events_nowait([e for r in batch for e in r.events])
                 except Exception as exc:  # left in the outbox: the relay publishes it
-                    log.warning("publishing %d events failed, relay will retry: %r", len(events), exc)
-                finally:
+                    log.warning("publishing %d appends failed, the relay will retry: %r", len(batch), exc)
+                    inflight.release()
                     for _ in batch:
                         self._queue.task_done()
-            now = asyncio.get_running_loop().time()
-            if self._done and (now - last_flush >= flush_every or len(self._done) > 500):
+                    continue
+                task = asyncio.create_task(self._await_acks(batch, acks, inflight))
+                self._ack_tasks.add(task)
+                task.add_done_callback(self._ack_tasks.discard)
+        finally:
+            flusher.cancel()
+
+    async def _await_acks(self, batch: list[AppendResult], acks: list[Any], inflight: asyncio.Semaphore) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), timeout=10)
+            self._done.extend(r.outbox_id for r in batch if r.outbox_id is not None)
+        except Exception as exc:  # left in the outbox: the relay publishes it
+            log.warning("%d appends unconfirmed by JetStream, the relay will retry: %r", len(batch), exc)
+        finally:
+            inflight.release()
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _flush_outbox_done(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            if self._done:
                 done, self._done = self._done, []
                 try:
                     await self.store.outbox_done(done)
                 except Exception as exc:
                     log.warning("outbox cleanup failed (harmless, relay republishes de-duplicated): %r", exc)
-                last_flush = now
 
     async def dead_letter(self, cmd: Command, deliveries: int, exc: BaseException) -> None:
         """Append ``command.dead_lettered`` (and ``run.failed`` when the run is still going) for a poison command."""

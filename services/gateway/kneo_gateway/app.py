@@ -27,9 +27,11 @@ def create_app(kernel: Kernel) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await hub.start()
+        kernel.local_listeners.append(hub.on_local_commit)
         try:
             yield
         finally:
+            kernel.local_listeners.remove(hub.on_local_commit)
             await hub.stop()
 
     app = FastAPI(title="Kneo", version=__version__, lifespan=lifespan, default_response_class=JSONBody)

@@ -44,6 +44,18 @@ class LiveHub:
         self._evt_prefix = bus.subject("kneo.evt.run.")
         self._out_prefix = bus.subject("kneo.out.")
 
+    def on_local_commit(self, events: list[Any]) -> None:
+        """Events committed by this very process: deliver them now (the bus copy arrives later, de-duplicated)."""
+        if not self.listeners:
+            return
+        for ev in events:
+            run_id = ev.stream_id.removeprefix("run-")
+            targets = self.listeners.get(run_id) if ev.stream_id.startswith("run-") else None
+            if targets:
+                wire = ev.wire()
+                for listener in list(targets):
+                    listener.push(("event", wire))
+
     async def start(self) -> None:
         """Subscribe to every run's events and output."""
         self._subs.append(await self.bus.subscribe_core("kneo.evt.run.>", self._on_event))
