@@ -353,10 +353,14 @@ class _Puller:
 
     async def next(self, timeout: float) -> Msg | None:
         """The next command message, or ``None`` (timeout, or a status reply that was accounted for)."""
-        try:
-            msg = await asyncio.wait_for(self.queue.get(), timeout=timeout)
-        except TimeoutError:
-            return None
+        if self.queue.empty():
+            try:
+                async with asyncio.timeout(timeout):
+                    msg = await self.queue.get()
+            except TimeoutError:
+                return None
+        else:
+            msg = self.queue.get_nowait()
         status = msg.headers.get("Status") if msg.headers else None
         if status is None and not msg.data and msg.headers and "Status" in str(msg.headers):
             status = "unknown"

@@ -187,6 +187,10 @@ class Kernel:
     async def _relay_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.relay_interval_seconds)
+            if self._queue.qsize():
+                # Our own publisher is busy: entries past the grace period are most likely still on their way
+                # (an overloaded process, not a crashed one). Republishing now would only add load.
+                continue
             try:
                 while await self.relay_once() > 0:
                     pass

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     )
     consumer_batch: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_BATCH"))
     consumer_concurrency: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_CONCURRENCY"))
-    relay_grace_seconds: float = Field(default=2.0, validation_alias=AliasChoices("KNEO_RELAY_GRACE_SECONDS"))
+    relay_grace_seconds: float = Field(default=10.0, validation_alias=AliasChoices("KNEO_RELAY_GRACE_SECONDS"))
     relay_interval_seconds: float = Field(default=1.0, validation_alias=AliasChoices("KNEO_RELAY_INTERVAL_SECONDS"))
     reconcile_after_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_RECONCILE_AFTER_SECONDS"))
     reconcile_interval_seconds: float = Field(

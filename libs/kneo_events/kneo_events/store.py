@@ -88,6 +88,15 @@ async def _init_connection(conn: Conn) -> None:
         )
 
 
+async def _keep_session(conn: Conn) -> None:
+    """Pool release hook: nothing to undo.
+
+    asyncpg's default runs ``RESET ALL; UNLISTEN *; ...`` on every release, one extra round trip per query. Kneo
+    never changes session state (search_path is a connection parameter; the reconciler unlocks its advisory lock
+    itself, and an open transaction is still rolled back by asyncpg before this hook runs).
+    """
+
+
 class EventStore:
     """The event store on one asyncpg pool (one pool per process)."""
 
@@ -113,6 +122,7 @@ class EventStore:
             max_size=max_size,
             init=_init_connection,
             server_settings={"search_path": schema, "application_name": "kneo"},
+            reset=_keep_session,
             timeout=10,
             command_timeout=60,
         )

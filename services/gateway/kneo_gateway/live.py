@@ -1,36 +1,51 @@
 """Live fan-out of run events and output chunks from NATS to the SSE clients and waiters of this process.
 
-One core subscription per subject family per gateway process; each client has a bounded queue. A client that
-can't keep up is marked ``lagged`` instead of slowing anyone down: it re-reads the events it missed from Postgres
-(the output chunks it missed are gone, they are ephemeral by design).
+A run gets a NATS subscription (its events and its output) while at least one client of this process listens to
+it, shared by all of them; each client has a bounded queue. A client that can't keep up is marked ``lagged``
+instead of slowing anyone down: it re-reads the events it missed from Postgres (the output chunks it missed are
+gone, they are ephemeral by design). Events committed by this very process arrive at once through
+``on_local_commit`` as well; listeners de-duplicate by stream version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from nats.aio.msg import Msg
 
+from kneo_events import subjects
 from kneo_events.bus import Bus
-from kneo_events.schemas import loads
+from kneo_events.schemas import RecordedEvent, loads
 
 
 class Listener:
-    """One consumer of one run's live items: ``("event", wire)`` or ``("chunk", chunk)``."""
+    """One consumer of one run's live items: ``("event", wire)`` or ``("chunk", chunk)``.
 
-    def __init__(self, size: int) -> None:
+    ``event_types``: when given, only events of those types are delivered, and no chunks (a waiter).
+    """
+
+    def __init__(self, size: int, event_types: frozenset[str] | None = None) -> None:
         self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=size)
         self.lagged = False
+        self.event_types = event_types
 
-    def push(self, item: tuple[str, dict[str, Any]]) -> None:
+    def push(self, kind: str, item: dict[str, Any]) -> None:
         """Deliver without ever blocking the hub; overflow marks the listener lagged."""
+        if self.event_types is not None and (kind != "event" or item.get("type") not in self.event_types):
+            return
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait((kind, item))
         except asyncio.QueueFull:
             self.lagged = True
+
+
+class _RunTopic:
+    def __init__(self) -> None:
+        self.listeners: set[Listener] = set()
+        self.subs: list[Any] = []
 
 
 class LiveHub:
@@ -39,61 +54,65 @@ class LiveHub:
     def __init__(self, bus: Bus, buffer: int) -> None:
         self.bus = bus
         self.buffer = buffer
-        self.listeners: dict[str, set[Listener]] = {}
-        self._subs: list[Any] = []
-        self._evt_prefix = bus.subject("kneo.evt.run.")
-        self._out_prefix = bus.subject("kneo.out.")
-
-    def on_local_commit(self, events: list[Any]) -> None:
-        """Events committed by this very process: deliver them now (the bus copy arrives later, de-duplicated)."""
-        if not self.listeners:
-            return
-        for ev in events:
-            run_id = ev.stream_id.removeprefix("run-")
-            targets = self.listeners.get(run_id) if ev.stream_id.startswith("run-") else None
-            if targets:
-                wire = ev.wire()
-                for listener in list(targets):
-                    listener.push(("event", wire))
+        self.topics: dict[str, _RunTopic] = {}
 
     async def start(self) -> None:
-        """Subscribe to every run's events and output."""
-        self._subs.append(await self.bus.subscribe_core("kneo.evt.run.>", self._on_event))
-        self._subs.append(await self.bus.subscribe_core("kneo.out.>", self._on_output))
+        """Nothing to do up front: subscriptions follow listeners."""
 
     async def stop(self) -> None:
-        """Unsubscribe."""
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs.clear()
+        """Drop every subscription."""
+        for topic in self.topics.values():
+            await self._unsubscribe(topic)
+        self.topics.clear()
 
-    async def _on_event(self, msg: Msg) -> None:
-        run_id = msg.subject[len(self._evt_prefix) :].split(".", 1)[0]
-        targets = self.listeners.get(run_id)
-        if targets:
-            wire = loads(msg.data)
-            for listener in list(targets):
-                listener.push(("event", wire))
+    def on_local_commit(self, events: list[RecordedEvent]) -> None:
+        """Events committed by this process: deliver them now (the bus copy arrives later, de-duplicated)."""
+        if not self.topics:
+            return
+        for ev in events:
+            if not ev.stream_id.startswith("run-"):
+                continue
+            topic = self.topics.get(ev.stream_id[4:])
+            if topic is not None:
+                wire = ev.wire()
+                for listener in list(topic.listeners):
+                    listener.push("event", wire)
 
-    async def _on_output(self, msg: Msg) -> None:
-        run_id = msg.subject[len(self._out_prefix) :]
-        targets = self.listeners.get(run_id)
-        if targets:
-            chunk = loads(msg.data)
-            for listener in list(targets):
-                listener.push(("chunk", chunk))
-
-    @contextlib.contextmanager
-    def listen(self, run_id: str) -> Iterator[Listener]:
-        """Register a listener for one run for the duration of the block."""
-        listener = Listener(self.buffer)
-        self.listeners.setdefault(run_id, set()).add(listener)
+    @contextlib.asynccontextmanager
+    async def listen(self, run_id: str, event_types: frozenset[str] | None = None) -> AsyncIterator[Listener]:
+        """Listen to one run for the duration of the block; the subscription is in place when the block starts."""
+        listener = Listener(self.buffer, event_types)
+        topic = self.topics.get(run_id)
+        if topic is None:
+            topic = self.topics[run_id] = _RunTopic()
+            topic.listeners.add(listener)
+            await self._subscribe(run_id, topic)
+        else:
+            topic.listeners.add(listener)
         try:
             yield listener
         finally:
-            group = self.listeners.get(run_id)
-            if group is not None:
-                group.discard(listener)
-                if not group:
-                    del self.listeners[run_id]
+            topic.listeners.discard(listener)
+            if not topic.listeners and self.topics.get(run_id) is topic:
+                del self.topics[run_id]
+                await self._unsubscribe(topic)
+
+    async def _subscribe(self, run_id: str, topic: _RunTopic) -> None:
+        def deliver(kind: str) -> Any:
+            async def cb(msg: Msg) -> None:
+                item = loads(msg.data)
+                for listener in list(topic.listeners):
+                    listener.push(kind, item)
+
+            return cb
+
+        topic.subs.append(await self.bus.subscribe_core(subjects.stream_events("run", run_id), deliver("event")))
+        topic.subs.append(await self.bus.subscribe_core(subjects.run_output(run_id), deliver("chunk")))
+        await self.bus.nc.flush(timeout=5)  # the server has our subscriptions before we read history
+
+    @staticmethod
+    async def _unsubscribe(topic: _RunTopic) -> None:
+        for sub in topic.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        topic.subs.clear()

@@ -146,7 +146,7 @@ async def create_run(body: RunRequest, request: Request) -> JSONBody:
         timeout_seconds=body.timeout_seconds,
     )
     cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": "anonymous"})
-    with gw.hub.listen(run_id) as listener:
+    async with gw.hub.listen(run_id, _SETTLE_TYPES) as listener:
         result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
         if body.async_mode:
             state = await gw.kernel.store.get_run(run_id)
@@ -159,22 +159,19 @@ async def create_run(body: RunRequest, request: Request) -> JSONBody:
 
 
 async def _wait_settled(gw: Gateway, run_id: str, listener: Any, version: int, timeout: float) -> bool:
-    """Wait for a terminal (or paused) event of the run; poll the projection now and then as a safety net."""
+    """Wait for a terminal (or paused) event of the run; look at the projection each quiet second as a safety net."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
+    while loop.time() < deadline:
         try:
-            kind, item = await asyncio.wait_for(listener.queue.get(), timeout=min(1.0, remaining))
+            async with asyncio.timeout(min(1.0, deadline - loop.time())):
+                await listener.queue.get()  # the listener only delivers settling events
+            return True
         except TimeoutError:
             state = await gw.kernel.store.get_run(run_id)
             if state and (state["status"] in TERMINAL_STATUSES or state["status"] == "paused"):
                 return True
-            continue
-        if kind == "event" and item.get("type") in _SETTLE_TYPES:
-            return True
+    return False
 
 
 @router.get("/runs")
@@ -311,7 +308,7 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
             out.append(cur.event(ev.wire()))
         return out
 
-    with gw.hub.listen(run_id) as listener:  # listen first, then read history: nothing falls in between
+    async with gw.hub.listen(run_id) as listener:  # listen first, then read history: nothing falls in between
         for sse in await from_log():
             yield sse
         while not cur.done:
@@ -324,7 +321,8 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
                 yield ServerSentEvent(event="lagged", data='{"reason": "client too slow; output chunks skipped"}')
                 continue
             try:
-                kind, item = await asyncio.wait_for(listener.queue.get(), timeout=idle_check)
+                async with asyncio.timeout(idle_check):
+                    kind, item = await listener.queue.get()
             except TimeoutError:
                 # Quiet for a while: make sure no event was missed live (e.g. during a NATS reconnect).
                 for sse in await from_log():
