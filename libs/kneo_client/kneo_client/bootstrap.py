@@ -12,13 +12,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import uvicorn
 
 from kneo_events.bus import Bus
 from kneo_events.kernel import Kernel
+from kneo_events.service import WorkerService
 from kneo_events.settings import Settings
 from kneo_events.store import EventStore
 
@@ -27,12 +28,7 @@ ALL_SERVICES = ("gateway", "compiler", "runner", "human", "audit", "webhooks")
 WORKER_SERVICES = ("compiler", "runner", "human", "audit", "webhooks")
 
 
-class CommandService(Protocol):
-    async def handle(self, cmd: Any, msg: Any) -> None: ...
-    async def dead_letter(self, cmd: Any, msg: Any, exc: BaseException) -> None: ...
-
-
-def build_service(name: str, kernel: Kernel) -> CommandService:
+def build_service(name: str, kernel: Kernel) -> WorkerService:
     """Instantiate a worker service by name (imports stay local: services never import each other)."""
     if name == "compiler":
         from kneo_compiler.app import CompilerService

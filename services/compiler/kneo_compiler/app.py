@@ -19,25 +19,26 @@ from kneo_events.schemas import (
     new_event,
     step_command_id,
 )
+from kneo_events.service import WorkerService
 
 log = logging.getLogger("kneo.compiler")
 SERVICE = "compiler"
 
 
-class CompilerService:
+class CompilerService(WorkerService):
     """Bus adapter: load the run, compile, append ``run.compiled`` + the first ``step.scheduled``.
 
     A spec that does not compile ends the run with ``run.failed`` carrying the diagnostics.
     """
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    name = SERVICE
 
-    async def handle(self, cmd: Command, msg: Msg) -> None:
-        """Handle one command (return = ack, raise = retry)."""
-        if cmd.name != "compile_run":
-            log.error("compiler got unknown command %s", cmd.name)
-            return
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__(kernel)
+        self.handlers["compile_run"] = self.compile_run
+
+    async def compile_run(self, cmd: Command, msg: Msg) -> None:
+        """Compile a new run's spec: ``run.compiled`` + the first ``step.scheduled``, or ``run.failed``."""
         run_id = str(cmd.data["run_id"])
         stream_id = run_stream(run_id)
         store = self.kernel.store
@@ -99,7 +100,3 @@ class CompilerService:
             if fresh and fresh["status"] != "queued":
                 return  # cancelled (or compiled) concurrently
             raise
-
-    async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
-        """Record a command that kept failing, and fail its run so nothing waits for it forever."""
-        await self.kernel.dead_letter(cmd, msg.metadata.num_delivered, exc)

@@ -16,6 +16,7 @@ from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
 from kneo_events.kernel import Kernel, next_command
 from kneo_events.schemas import Command, execute_step_command, new_event
+from kneo_events.service import WorkerService
 from kneo_runner.domain import decide, should_run
 from kneo_runner.engine import execute_step
 
@@ -23,18 +24,18 @@ log = logging.getLogger("kneo.runner")
 SERVICE = "runner"
 
 
-class RunnerService:
+class RunnerService(WorkerService):
     """Bus adapter: load state → should_run → execute → decide → append (expected version) → send next command."""
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
+    name = SERVICE
 
-    async def handle(self, cmd: Command, msg: Msg) -> None:
-        """Handle one command (return = ack, raise = retry with backoff)."""
-        if cmd.name != "execute_step":
-            log.error("runner got unknown command %s", cmd.name)
-            return
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__(kernel)
+        self.runner_name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.handlers["execute_step"] = self.execute_step
+
+    async def execute_step(self, cmd: Command, msg: Msg) -> None:
+        """Run one scheduled step and record its outcome (return = ack, raise = retry with backoff)."""
         run_id = str(cmd.data["run_id"])
         step_index = int(cmd.data["step_index"])
         attempt = int(cmd.data.get("attempt", 1))
@@ -113,7 +114,7 @@ class RunnerService:
             "causation_id": cmd.command_id,
             "correlation_id": run_id,
             "actor": "system",
-            "runner": self.name,
+            "runner": self.runner_name,
         }
         events = [new_event(p, meta) for p in decision.events]
         stream_id = run_stream(run_id)
@@ -128,7 +129,3 @@ class RunnerService:
                 log.info("run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index)
                 return
             raise
-
-    async def dead_letter(self, cmd: Command, msg: Msg, exc: BaseException) -> None:
-        """Record a step command that kept failing (the run fails instead of hanging)."""
-        await self.kernel.dead_letter(cmd, msg.metadata.num_delivered, exc)
