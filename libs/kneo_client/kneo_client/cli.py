@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -236,11 +237,19 @@ def run_cmd(
 async def _run_remote(
     url: str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool, as_json: bool
 ) -> dict[str, Any]:
+    result: dict[str, Any] = await _with_client(
+        url, lambda client: _submit_and_follow(client, spec, run_input, env, target, follow, as_json)
+    )
+    return result
+
+
+async def _with_client(url: str, call: Callable[[AsyncServiceClient], Awaitable[Any]]) -> Any:
+    """Run ``call`` with a client; service errors become one readable line and a distinct exit code."""
     import httpx
 
     async with AsyncServiceClient(url) as client:
         try:
-            return await _submit_and_follow(client, spec, run_input, env, target, follow, as_json)
+            return await call(client)
         except httpx.TransportError:
             err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
             raise typer.Exit(EXIT_UNREACHABLE) from None
@@ -322,17 +331,7 @@ def _remote(service_url: str | None) -> str:
 
 
 async def _call(url: str, fn: str, *args: Any, **kwargs: Any) -> Any:
-    import httpx
-
-    async with AsyncServiceClient(url) as client:
-        try:
-            return await getattr(client, fn)(*args, **kwargs)
-        except httpx.TransportError:
-            err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
-            raise typer.Exit(EXIT_UNREACHABLE) from None
-        except ServiceError as exc:
-            err.print(f"kneo: {exc}")
-            raise typer.Exit(_exit_for(exc)) from None
+    return await _with_client(url, lambda client: getattr(client, fn)(*args, **kwargs))
 
 
 ServiceUrl = Annotated[str | None, typer.Option("--service-url", help="Kneo service URL.")]
