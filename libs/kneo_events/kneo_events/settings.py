@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,16 @@ class Settings(BaseSettings):
     max_list_items: int = Field(default=100, validation_alias=AliasChoices("KNEO_SERV_MAX_LIST_ITEMS"))
     max_path_chars: int = Field(default=4096, validation_alias=AliasChoices("KNEO_SERV_MAX_PATH_CHARS"))
     request_logs: bool = Field(default=True, validation_alias=AliasChoices("KNEO_SERV_REQUEST_LOGS"))
+    auth_enabled: bool = Field(default=False, validation_alias=AliasChoices("KNEO_SERV_AUTH_ENABLED"))
+    api_keys: SecretStr = Field(default=SecretStr(""), validation_alias=AliasChoices("KNEO_SERV_API_KEYS"))
+    admin_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("KNEO_SERV_ADMIN_API_KEY"))
+    idempotency_window_seconds: float = Field(
+        default=86_400.0, gt=0, validation_alias=AliasChoices("KNEO_SERV_IDEMPOTENCY_WINDOW_SECONDS")
+    )
+    rate_limit: str | None = Field(default=None, validation_alias=AliasChoices("KNEO_SERV_RATE_LIMIT"))
+    rate_limits: str = Field(default="", validation_alias=AliasChoices("KNEO_SERV_RATE_LIMITS"))
+    health_providers: str = Field(default="", validation_alias=AliasChoices("KNEO_SERV_HEALTH_PROVIDERS"))
+    health_mcp_secrets: str = Field(default="", validation_alias=AliasChoices("KNEO_SERV_HEALTH_MCP_SECRETS"))
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("KNEO_SERV_LOG_LEVEL"))
 
     # --- runner
