@@ -142,6 +142,7 @@ class Platform:
     settings: Settings
     kernel: Any
     stop: asyncio.Event
+    app_gateway: Any = None
 
 
 @pytest.fixture
@@ -167,7 +168,8 @@ async def platform_factory(settings: Settings) -> AsyncIterator[Any]:
             stop.set()
             raise RuntimeError(f"platform did not start: {task.exception() if task.done() else 'timeout'}")
         running = ready.result()
-        return Platform(running.url or "", s, running.kernel, stop)
+        gateway = running.app.state.gateway if running.app is not None else None
+        return Platform(running.url or "", s, running.kernel, stop, gateway)
 
     try:
         yield start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import httpx
@@ -41,7 +42,8 @@ async def test_a_slow_client_does_not_block_and_catches_up_from_the_log(platform
 
     hub = LiveHub(platform.kernel.bus, buffer=4)
     await hub.start()
-    gw = Gateway(settings=platform.settings, kernel=platform.kernel, hub=hub)
+    served: Gateway = platform.app_gateway
+    gw = dataclasses.replace(served, hub=hub)
     try:
         async with AsyncServiceClient(platform.url) as client:
             run_id = (await client.create_run(input="x", spec=CHATTY, async_mode=True))["run_id"]

@@ -141,6 +141,7 @@ class Running:
 
     url: str | None
     kernel: Kernel
+    app: Any = None  # the gateway's FastAPI app, when this process serves HTTP
 
 
 class _Server(uvicorn.Server):
@@ -170,18 +171,21 @@ async def run_platform(
     kernel = await open_kernel(settings, name=f"kneo-{'+'.join(services)}", relay=True, reconciler="runner" in services)
     server: _Server | None = None
     try:
+        app = None
+        if "gateway" in services:
+            from kneo_gateway.app import create_app
+
+            app = create_app(kernel)  # configuration errors (e.g. malformed API keys) surface here, plainly
         async with asyncio.TaskGroup() as tg:
             for name in workers:
                 svc = build_service(name, kernel)
                 tg.create_task(kernel.bus.consume(name, svc.handle, svc.dead_letter, stop), name=f"consume-{name}")
             url = None
-            if "gateway" in services:
-                from kneo_gateway.app import create_app
-
+            if app is not None:
                 config = uvicorn.Config(
-                    create_app(kernel),
-                    host=host or settings.host,
-                    port=port or settings.port,
+                    app,
+                    host=host if host is not None else settings.host,
+                    port=port if port is not None else settings.port,
                     log_level="warning",
                     access_log=False,
                     lifespan="on",
@@ -199,7 +203,7 @@ async def run_platform(
                 else:
                     stop.set()
             if on_ready is not None and not stop.is_set():
-                maybe = on_ready(Running(url, kernel))
+                maybe = on_ready(Running(url, kernel, app))
                 if maybe is not None:
                     await maybe
             await stop.wait()

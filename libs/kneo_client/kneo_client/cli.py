@@ -82,6 +82,9 @@ def serve(
     except ConnectionError as exc:
         err.print(f"kneo: {exc}")
         raise typer.Exit(EXIT_UNREACHABLE) from None
+    except ValueError as exc:  # a malformed setting found at start-up (API keys, rate limits)
+        err.print(f"kneo: {exc}")
+        raise typer.Exit(2) from None
     finally:
         infra.stop()
     err.print("kneo: stopped")

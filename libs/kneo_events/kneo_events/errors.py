@@ -20,6 +20,7 @@ class KneoError(Exception):
         super().__init__(message)
         self.message = message
         self.context = context
+        self.headers: dict[str, str] | None = None  # extra response headers (e.g. Retry-After)
 
     def to_body(self) -> dict[str, Any]:
         """The Kneo-face envelope ``{"error", "message", ...context}``."""
@@ -75,3 +76,18 @@ class SpecError(KneoError):
 
     status_code = 400
     code = "invalid_spec"
+
+
+class IdempotencyConflict(KneoError):
+    """An Idempotency-Key was reused with a different request."""
+
+    status_code = 409
+    code = "idempotency_key_conflict"
+
+
+class ResourceLocked(KneoError):
+    """Another request holds the resource right now; retry later."""
+
+    status_code = 409
+    code = "resource_locked"
+    retryable = True

@@ -181,7 +181,24 @@ async def _upsert_run(conn: Conn, run_id: str, state: JSON) -> None:
     )
 
 
-INLINE_PROJECTORS: dict[str, Any] = {"run": project_run}
+async def project_policy(conn: Conn, stream_id: str, events: list[RecordedEvent]) -> None:
+    """Inline projector for ``policy-<environment>`` streams: the current policy of each environment."""
+    for ev in events:
+        if ev.type != "policy.changed":
+            continue
+        await conn.execute(
+            "INSERT INTO environment_policies (environment, policy, version, updated_at, updated_by) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (environment) DO UPDATE SET policy = EXCLUDED.policy, "
+            "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by",
+            ev.data["environment"],
+            ev.data["current"],
+            ev.version,
+            ev.recorded_at,
+            ev.metadata.get("actor"),
+        )
+
+
+INLINE_PROJECTORS: dict[str, Any] = {"run": project_run, "policy": project_policy}
 
 
 async def rebuild_runs(conn: Conn) -> int:

@@ -271,6 +271,29 @@ class CommandDeadLettered(EventPayload):
     error: str
 
 
+# ---------------------------------------------------------------- governance events
+
+
+@register
+class PolicyChanged(EventPayload):
+    """An environment's service-managed policy was set (stream ``policy-<environment>``)."""
+
+    type: ClassVar[str] = "policy.changed"
+    surface: str = "environment_policy"
+    environment: str
+    previous: JSON | None = None
+    current: JSON
+    changed_fields: list[str] = Field(default_factory=list)
+
+
+@register
+class CredentialInventoryAccessed(EventPayload):
+    """Someone read the credential inventory (counts only, never names of values)."""
+
+    type: ClassVar[str] = "credential.inventory_accessed"
+    counts: dict[str, int]
+
+
 # ---------------------------------------------------------------- commands
 
 

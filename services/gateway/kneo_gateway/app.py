@@ -10,13 +10,16 @@ from fastapi import FastAPI
 from kneo_events import __version__
 from kneo_events.kernel import Kernel
 from kneo_gateway import errors
+from kneo_gateway.auth import Authenticator, parse_keys
+from kneo_gateway.idempotency import Idempotency
 from kneo_gateway.live import LiveHub
 from kneo_gateway.middleware import BodyLimit, RequestContext
-from kneo_gateway.responses import JSONBody
-from kneo_gateway.routers import health, runs
+from kneo_gateway.ratelimit import RateLimiter
+from kneo_gateway.responses import COMMON_ERRORS, JSONBody
+from kneo_gateway.routers import governance, health, runs
 from kneo_gateway.state import Gateway
 
-VERSIONED = (runs.router,)
+VERSIONED = (runs.router, governance.router)
 
 
 def create_app(kernel: Kernel) -> FastAPI:
@@ -35,13 +38,28 @@ def create_app(kernel: Kernel) -> FastAPI:
             await hub.stop()
 
     app = FastAPI(title="Kneo", version=__version__, lifespan=lifespan, default_response_class=JSONBody)
-    app.state.gateway = Gateway(settings=settings, kernel=kernel, hub=hub)
+    app.state.gateway = Gateway(
+        settings=settings,
+        kernel=kernel,
+        hub=hub,
+        auth=Authenticator(
+            parse_keys(
+                settings.api_keys.get_secret_value(),
+                settings.admin_api_key.get_secret_value() if settings.admin_api_key else None,
+            ),
+            settings.auth_enabled,
+        ),
+        limiter=RateLimiter.from_settings(kernel.store, settings.rate_limit, settings.rate_limits),
+        idempotency=Idempotency(
+            kernel.store, settings.idempotency_window_seconds, stale_after=settings.sync_wait_seconds + 60
+        ),
+    )
     errors.install(app)
     app.include_router(health.router)
     app.include_router(health.router, prefix="/v1", include_in_schema=False)
     for router in VERSIONED:  # one definition, two mounts: /v1/... and the legacy unversioned alias
-        app.include_router(router, prefix="/v1")
-        app.include_router(router, include_in_schema=False)
+        app.include_router(router, prefix="/v1", responses=COMMON_ERRORS)
+        app.include_router(router, responses=COMMON_ERRORS, deprecated=True)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, request_logs=settings.request_logs)
     return app

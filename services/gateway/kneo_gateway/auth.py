@@ -176,6 +176,11 @@ def require(scope: str, *, allow_query_token: bool = False) -> Callable[[Request
         principal = auth.identify(request, allow_query_token)
         request.state.actor = principal.name
         request.state.principal = principal
+        gw = request.app.state.gateway
+        if auth.enabled and gw.limiter.active:
+            decision = await gw.limiter.hit(principal.name, principal.role)
+            if decision is not None:
+                request.state.rate_headers = decision.headers()
         if scope not in principal.scopes:
             raise Forbidden(f"the API key {principal.name!r} lacks the scope {scope}", required_scope=scope)
         return principal

@@ -34,7 +34,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(KneoError)
     async def kneo_error(request: Request, exc: KneoError) -> JSONBody:
-        return JSONBody(exc.to_body(), status_code=exc.status_code)
+        return JSONBody(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONBody:

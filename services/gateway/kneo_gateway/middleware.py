@@ -39,7 +39,11 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+                extra = [(b"x-request-id", rid.encode("latin-1"))]
+                rate = scope["state"].get("rate_headers")
+                if rate and status != 429:  # a 429 carries its own rate-limit headers
+                    extra += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
@@ -56,9 +60,10 @@ class RequestContext:
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                     "client": client[0] if client else None,
                 }
-                run_id = scope["state"].get("run_id")
-                if run_id:
-                    record["run_id"] = run_id
+                for key in ("run_id", "continuation_id", "trace_id", "actor"):
+                    value = scope["state"].get(key)
+                    if value:
+                        record[key] = value
                 log.info(orjson.dumps(record).decode())
 
 

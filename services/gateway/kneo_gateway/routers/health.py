@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Request
 
 from kneo_events import __version__
 from kneo_gateway.responses import JSONBody
+from kneo_gateway.routers.governance import PROVIDER_ENV, mcp_secret_env
 
 router = APIRouter(tags=["health"])
 
@@ -20,19 +22,36 @@ async def livez() -> JSONBody:
 
 async def _checks(request: Request) -> dict[str, dict[str, object]]:
     gw = request.app.state.gateway
-    checks: dict[str, dict[str, object]] = {}
+    checks: dict[str, dict[str, object]] = {"api": {"ok": True, "routes": len(request.app.routes)}}
     try:
         await asyncio.wait_for(gw.kernel.store.pool.fetchval("SELECT 1"), timeout=2)
         checks["postgres"] = {"ok": True}
     except Exception as exc:
         checks["postgres"] = {"ok": False, "error": type(exc).__name__}
+    bus = gw.kernel.bus
     try:
-        bus = gw.kernel.bus
         for name in (bus.names.commands, bus.names.events, bus.names.output):
             await asyncio.wait_for(bus.js.stream_info(name), timeout=2)
-        checks["jetstream"] = {"ok": True}
+        checks["jetstream"] = {"ok": True, "streams": [bus.names.commands, bus.names.events, bus.names.output]}
     except Exception as exc:
         checks["jetstream"] = {"ok": False, "error": type(exc).__name__}
+    missing = []
+    for service in ("compiler", "runner"):
+        try:
+            await asyncio.wait_for(bus.js.consumer_info(bus.names.commands, bus.consumer_name(service)), timeout=2)
+        except Exception:
+            missing.append(service)
+    checks["consumers"] = (
+        {"ok": True} if not missing else {"ok": False, "error": f"no durable consumer for: {', '.join(missing)}"}
+    )
+    for label, raw, env_of in (
+        ("providers", gw.settings.health_providers, lambda n: PROVIDER_ENV.get(n, f"{n.upper()}_API_KEY")),
+        ("mcp_secrets", gw.settings.health_mcp_secrets, mcp_secret_env),
+    ):
+        names = [n.strip() for n in raw.split(",") if n.strip()]
+        if names:
+            absent = [f"{n} ({env_of(n)})" for n in names if not os.environ.get(env_of(n))]
+            checks[label] = {"ok": not absent, **({"error": f"missing secrets: {', '.join(absent)}"} if absent else {})}
     return checks
 
 

@@ -12,13 +12,15 @@ from typing import Annotated, Any
 import anyio
 import orjson
 import yaml
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from kneo_events.errors import InvalidRequest, NotFound, PayloadTooLarge
+from kneo_events.errors import ConcurrencyConflict, InvalidRequest, NotFound, PayloadTooLarge
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
 from kneo_events.schemas import RunCreated, compile_run_command, dumps, new_event
+from kneo_gateway.auth import Principal, require
+from kneo_gateway.idempotency import request_hash, validate_key
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
 from kneo_gateway.state import Gateway
@@ -115,8 +117,16 @@ def _parse_uncached(text: str | bytes, field: str) -> dict[str, Any]:
 
 
 @router.post("/runs", response_model=RunBody, responses={202: {"model": RunBody}})
-async def create_run(body: RunRequest, request: Request) -> JSONBody:
-    """Start a run. Sync mode waits (bounded) for a terminal or paused state: 200; async mode answers 202."""
+async def create_run(
+    body: RunRequest,
+    request: Request,
+    principal: Annotated[Principal, Depends(require("runs:write"))],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONBody:
+    """Start a run. Sync mode waits (bounded) for a terminal or paused state: 200; async mode answers 202.
+
+    With an ``Idempotency-Key``, a repeat of the same request replays the first response and starts nothing.
+    """
     gw = _gw(request)
     s = gw.settings
     if body.input is not None and len(body.input) > s.max_input_chars:
@@ -129,33 +139,95 @@ async def create_run(body: RunRequest, request: Request) -> JSONBody:
         spec, spec_path = await anyio.to_thread.run_sync(_load_spec, gw, body)
     else:
         spec, spec_path = _load_spec(gw, body)
-    run_id = new_run_id()
-    request.state.run_id = run_id
-    stream_id = run_stream(run_id)
-    rid = request.state.request_id
-    meta = {"request_id": rid, "correlation_id": run_id, "actor": "anonymous"}
-    created = RunCreated(
-        run_id=run_id,
-        input=body.input,
-        spec=spec,
-        spec_path=spec_path,
-        target=body.target,
-        environment=body.environment,
-        async_mode=body.async_mode,
-        metadata=body.metadata or {},
-        timeout_seconds=body.timeout_seconds,
+    start = _RunStart(gw, request, body, spec, spec_path, principal.name)
+    if idempotency_key is None:
+        status, out = await start.run(new_run_id())
+        return JSONBody(out, status_code=status)
+    key = validate_key(idempotency_key)
+    route = "POST /runs"
+    claim = await gw.idempotency.claim(
+        principal.name, route, key, request_hash(body.model_dump(mode="json")), new_run_id(), s.sync_wait_seconds + 5
     )
-    cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": "anonymous"})
-    async with gw.hub.listen(run_id, _SETTLE_TYPES) as listener:
-        result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
-        if body.async_mode:
-            state = await gw.kernel.store.get_run(run_id)
-            return JSONBody(run_body(state or {"run_id": run_id, "status": "queued"}), status_code=202)
-        settled = await _wait_settled(gw, run_id, listener, result.version, s.sync_wait_seconds)
-    state = await gw.kernel.store.get_run(run_id)
-    assert state is not None
-    done = state["status"] in TERMINAL_STATUSES or state["status"] == "paused"
-    return JSONBody(run_body(state), status_code=200 if (settled or done) else 202)
+    if claim.replay is not None:
+        request.state.run_id = claim.resource_id
+        return JSONBody(claim.replay[1], status_code=claim.replay[0], headers={"Idempotent-Replayed": "true"})
+    assert claim.resource_id is not None
+    try:
+        status, out = await start.run(claim.resource_id)
+    except BaseException:
+        await asyncio.shield(start.settle_claim(route, key))
+        raise
+    await gw.idempotency.complete(principal.name, route, key, status, out)
+    return JSONBody(out, status_code=status)
+
+
+class _RunStart:
+    """Append ``run.created`` (+ ``compile_run``) for a validated request and answer as the mode asks."""
+
+    def __init__(
+        self, gw: Gateway, request: Request, body: RunRequest, spec: dict[str, Any], spec_path: str | None, actor: str
+    ) -> None:
+        self.gw, self.request, self.body, self.spec, self.spec_path, self.actor = (
+            gw,
+            request,
+            body,
+            spec,
+            spec_path,
+            actor,
+        )
+        self.run_id: str | None = None
+        self.created = False
+
+    async def run(self, run_id: str) -> tuple[int, dict[str, Any]]:
+        gw, body = self.gw, self.body
+        self.run_id = run_id
+        self.request.state.run_id = run_id
+        stream_id = run_stream(run_id)
+        rid = self.request.state.request_id
+        meta = {"request_id": rid, "correlation_id": run_id, "actor": self.actor}
+        created = RunCreated(
+            run_id=run_id,
+            input=body.input,
+            spec=self.spec,
+            spec_path=self.spec_path,
+            target=body.target,
+            environment=body.environment,
+            async_mode=body.async_mode,
+            metadata=body.metadata or {},
+            timeout_seconds=body.timeout_seconds,
+        )
+        cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": self.actor})
+        async with gw.hub.listen(run_id, _SETTLE_TYPES) as listener:
+            try:
+                result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
+            except ConcurrencyConflict:
+                # Only a taken-over idempotency claim reuses a run id: that run exists already.
+                self.created = True
+                state = await gw.kernel.store.get_run(run_id)
+                assert state is not None
+                return (200 if _settled(state) else 202), run_body(state)
+            self.created = True
+            if body.async_mode:
+                state = await gw.kernel.store.get_run(run_id)
+                return 202, run_body(state or {"run_id": run_id, "status": "queued"})
+            settled = await _wait_settled(gw, run_id, listener, result.version, gw.settings.sync_wait_seconds)
+        state = await gw.kernel.store.get_run(run_id)
+        assert state is not None
+        return (200 if (settled or _settled(state)) else 202), run_body(state)
+
+    async def settle_claim(self, route: str, key: str) -> None:
+        """The request failed or was cut off: keep the claim if a run exists (answer = its state), else drop it."""
+        idem = self.gw.idempotency
+        if self.created and self.run_id is not None:
+            state = await self.gw.kernel.store.get_run(self.run_id)
+            if state is not None:
+                await idem.complete(self.actor, route, key, 200 if _settled(state) else 202, run_body(state))
+                return
+        await idem.release(self.actor, route, key)
+
+
+def _settled(state: dict[str, Any]) -> bool:
+    return state["status"] in TERMINAL_STATUSES or state["status"] == "paused"
 
 
 async def _wait_settled(gw: Gateway, run_id: str, listener: Any, version: int, timeout: float) -> bool:
@@ -174,7 +246,7 @@ async def _wait_settled(gw: Gateway, run_id: str, listener: Any, version: int, t
     return False
 
 
-@router.get("/runs")
+@router.get("/runs", dependencies=[Depends(require("runs:read"))])
 async def list_runs(
     request: Request,
     status: str | None = None,
@@ -226,7 +298,7 @@ async def _state_or_404(gw: Gateway, run_id: str) -> dict[str, Any]:
     return state
 
 
-@router.get("/runs/{run_id}")
+@router.get("/runs/{run_id}", dependencies=[Depends(require("runs:read"))])
 async def get_run(run_id: str, request: Request) -> JSONBody:
     """The run's current state (from the inline projection: a GET right after a POST sees it)."""
     gw = _gw(request)
@@ -234,7 +306,7 @@ async def get_run(run_id: str, request: Request) -> JSONBody:
     return JSONBody(run_view(await _state_or_404(gw, run_id)))
 
 
-@router.get("/runs/{run_id}/events")
+@router.get("/runs/{run_id}/events", dependencies=[Depends(require("runs:read"))])
 async def run_events(run_id: str, request: Request, from_version: Annotated[int, Query(ge=1)] = 1) -> JSONBody:
     """The run's stored event history, in order."""
     gw = _gw(request)
@@ -257,7 +329,7 @@ def _event_sse(ev: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=dumps(ev).decode(), event=ev["type"], id=str(ev["version"]))
 
 
-@router.get("/runs/{run_id}/stream")
+@router.get("/runs/{run_id}/stream", dependencies=[Depends(require("runs:read", allow_query_token=True))])
 async def stream_run(
     run_id: str,
     request: Request,
