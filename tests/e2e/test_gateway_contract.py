@@ -273,3 +273,45 @@ async def test_500_carries_request_id_and_no_trace(platform: Any) -> None:
     assert resp.status_code == 500
     assert resp.json() == {"error": "internal_error", "message": "internal server error", "request_id": "req-500"}
     assert "secret internals" not in resp.text and runs is not None
+
+
+PLANTED = [
+    "jane.roe@example.org",
+    "sk-live-ABCDEFGHIJKLMNOPQRSTUVWX",
+    "hunter2-secret",
+    "123-45-6789",
+    "4111111111111111",
+    "ghp_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123",
+]
+
+
+async def test_planted_secrets_never_come_back_out(platform_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    p = await platform_factory(request_logs=True)
+    caplog.set_level(logging.DEBUG)
+    body = {
+        "input": f"Email {PLANTED[0]} with key {PLANTED[1]}, ssn {PLANTED[3]}, card {PLANTED[4]}",
+        "spec": SPEC,
+        "metadata": {"password": PLANTED[2], "note": f"token {PLANTED[5]}", "api_key": "plain-key-value"},
+    }
+    headers = {"Authorization": f"Bearer {PLANTED[1]}", "X-Request-ID": "req-secrets"}
+    async with httpx.AsyncClient(base_url=p.url, timeout=30) as http:
+        created = await http.post("/v1/runs", json=body, headers=headers)
+        run_id = created.json()["run_id"]
+        outputs = [
+            created.text,
+            (await http.get(f"/v1/runs/{run_id}")).text,
+            (await http.get(f"/v1/runs/{run_id}/events")).text,
+            (await http.get(f"/v1/runs/{run_id}/stream")).text,
+            (await http.get("/v1/runs")).text,
+        ]
+    assert created.json()["status"] == "succeeded"
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    for text in [*outputs, logs]:
+        for secret in [*PLANTED, "plain-key-value"]:
+            assert secret not in text
+    assert "[REDACTED]" in outputs[2]
+    # the run itself used the real input (the log keeps it; responses never show it)
+    stored = await p.kernel.store.read_stream(f"run-{run_id}")
+    assert PLANTED[0] in stored[0].data["input"]
+    checkpoints = [e for e in stored if e.type == "checkpoint.saved"]
+    assert checkpoints and all(PLANTED[0] not in str(e.data) for e in checkpoints)

@@ -242,3 +242,19 @@ async def test_many_concurrent_runs_all_finish(platform: Any) -> None:
     assert {b["status"] for b in bodies} == {"succeeded"}
     completed = await platform.kernel.store.pool.fetchval("SELECT count(*) FROM events WHERE type = 'step.completed'")
     assert completed == 120
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"input": "x", "spec_path": "examples/research_agent.yaml", "metadata": {"n": 123456789012345678901234567890}}',
+        b'{"input": "x\\u0000y", "spec_path": "examples/research_agent.yaml"}',
+        b'{"input": "\\ud800", "spec_path": "examples/research_agent.yaml"}',
+    ],
+)
+async def test_unstorable_json_is_400_not_500(platform: Any, raw: bytes) -> None:
+    before = await _events_total(platform)
+    async with httpx.AsyncClient(base_url=platform.url) as http:
+        resp = await http.post("/v1/runs", content=raw, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request", resp.text
+    assert await _events_total(platform) == before

@@ -50,3 +50,9 @@ def test_keys_redact_whole_values_recursively_without_mutating() -> None:
 
 def test_numbers_that_fail_luhn_stay() -> None:
     assert redact_text("order 1234 5678 9012 3456") == "order 1234 5678 9012 3456"
+
+
+def test_json_text_secret_values() -> None:
+    line = '{"event": "x", "api_key": "abc123", "user_password": "hunter2", "max_tokens": 5}'
+    out = redact_text(line)
+    assert "abc123" not in out and "hunter2" not in out and '"max_tokens": 5' in out

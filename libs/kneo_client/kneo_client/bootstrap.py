@@ -19,6 +19,7 @@ import uvicorn
 
 from kneo_events.bus import Bus
 from kneo_events.kernel import Kernel
+from kneo_events.redaction import redact_text
 from kneo_events.service import WorkerService
 from kneo_events.settings import Settings
 from kneo_events.store import EventStore
@@ -230,7 +231,7 @@ def configure_logging(level: str) -> None:
     """Readable logs on a terminal, JSON lines otherwise."""
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty():
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_ReadableFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     else:
         handler.setFormatter(_JsonFormatter())
     root = logging.getLogger()
@@ -251,7 +252,12 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out).decode()
+        return redact_text(orjson.dumps(out).decode())
+
+
+class _ReadableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def redact_dsn(dsn: str | None) -> str:

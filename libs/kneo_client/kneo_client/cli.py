@@ -14,10 +14,12 @@ import typer
 from rich.console import Console
 
 from kneo_client.sdk import AsyncServiceClient, ServiceError
+from kneo_client.spec_cli import spec_app
 
 app = typer.Typer(help="Kneo Agent Platform CLI", no_args_is_help=True, pretty_exceptions_enable=False)
 service_app = typer.Typer(help="Run or manage the Kneo service", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect runs", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
 app.add_typer(service_app, name="service")
 app.add_typer(runs_app, name="runs")
 

@@ -48,6 +48,12 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key|apikey)\s*[=:]\s*[^\s,;&\"']+"),
         r"\1=" + REDACTED,
     ),
+    (  # "password": "…" inside JSON text (log lines, stored payload previews)
+        re.compile(
+            r'(?i)("(?:[a-z_-]*(?:password|passwd|secret|token|api[_-]?key|apikey|authorization)[a-z_-]*)"\s*:\s*)"[^"]*"'
+        ),
+        r'\1"' + REDACTED + '"',
+    ),
     (re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"), REDACTED),  # email
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), REDACTED),  # US SSN
 ]

@@ -105,8 +105,9 @@ def decode(text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> str:
 def load(text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> tuple[JSON, SourceMap]:
     """Parse spec text into a JSON-typed mapping and its source map, or raise :class:`SpecProblem`."""
     text = decode(text, max_bytes)
-    loader = _SpecLoader(text)
+    loader: _SpecLoader | None = None
     try:
+        loader = _SpecLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except _TooDeep as exc:
@@ -120,7 +121,8 @@ def load(text: str | bytes, max_bytes: int = MAX_SPEC_BYTES) -> tuple[JSON, Sour
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
         raise SpecProblem([diag("E_YAML_PARSE", "", f"cannot parse the YAML: {exc}")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise SpecProblem([diag("E_SPEC_SHAPE", "", "a spec must be a YAML mapping", "start with `version: v1`")])
     source = SourceMap()

@@ -52,10 +52,21 @@ def migrate(raw: JSON) -> Migration:
     spec = copy.deepcopy(raw)
     changes = _rewrite_legacy(spec)
     changes += _rewrite_deprecated(spec)
-    out: JSON = {"version": CURRENT}
-    out.update({k: v for k, v in spec.items() if k != "version"})
+    spec["version"] = CURRENT
     changes.insert(0, ("version", f"version {version or 'unversioned'!s} → v1"))
-    return Migration(out, "unversioned" if version is None else "v0", changes)
+    return Migration(_ordered(spec), "unversioned" if version is None else "v0", changes)
+
+
+def _ordered(spec: JSON) -> JSON:
+    """Keys in the order the reference documents them, so a migrated file reads naturally."""
+    order = ("version", "name", "description", "agent", "components", "workflow", "environments", "metadata")
+    out: JSON = {k: spec[k] for k in order if k in spec}
+    out.update({k: v for k, v in spec.items() if k not in out})
+    workflow = out.get("workflow")
+    if isinstance(workflow, dict):
+        head = {k: workflow[k] for k in ("name", "kind") if k in workflow}
+        out["workflow"] = {**head, **{k: v for k, v in workflow.items() if k not in head}}
+    return out
 
 
 def _is_legacy(version: Any) -> bool:

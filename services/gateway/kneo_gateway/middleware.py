@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -103,6 +104,10 @@ class BodyLimit:
             chunks.append(body)
             more = message.get("more_body", False)
         payload = b"".join(chunks)
+        problem = _json_text_problem(payload) if payload and _is_json(scope) else None
+        if problem:
+            await _send_json(send, 400, {"error": "invalid_request", "message": problem, "field": "body"})
+            return
         sent = False
 
         async def replay() -> Message:
@@ -134,3 +139,75 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _is_json(scope: Scope) -> bool:
+    for k, v in scope.get("headers", []):
+        if k == b"content-type":
+            return b"json" in v.lower()
+    return False
+
+
+def _json_text_problem(payload: bytes) -> str | None:
+    """Why a JSON body's strings can't be stored (lone surrogates, NUL characters), or None.
+
+    Malformed JSON is not our business here: the framework answers it with a 422 and details.
+    """
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        import json
+
+        try:
+            json.loads(payload)
+        except ValueError:
+            return None
+        return "the JSON body contains invalid Unicode (a lone surrogate)"
+    if b"\\u0000" in payload and _has_nul(data):
+        return "the JSON body contains a NUL character (\\u0000), which text fields cannot store"
+    if _LONG_DIGITS.search(payload) and _has_huge_int(_stdlib_json(payload)):  # orjson reads them as floats
+        return "the JSON body contains an integer that does not fit in 64 bits"
+    return None
+
+
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def _stdlib_json(payload: bytes) -> Any:
+    import json
+
+    return json.loads(payload)
+
+
+def _has_huge_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -(2**63) <= value < 2**64
+    if isinstance(value, dict):
+        return any(_has_huge_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_int(v) for v in value)
+    return False
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    raw = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kneo_events.redaction import redact
+
 JSON = dict[str, Any]
 
 
@@ -54,22 +56,25 @@ PUBLIC_FIELDS = (
 
 
 def run_view(state: JSON) -> JSON:
-    """The public shape of a run's state (``GET /v1/runs/{run_id}``)."""
-    return {k: state.get(k) for k in PUBLIC_FIELDS}
+    """The public shape of a run's state (``GET /v1/runs/{run_id}``), redacted."""
+    out: JSON = redact({k: state.get(k) for k in PUBLIC_FIELDS})
+    return out
 
 
 def run_body(state: JSON) -> JSON:
-    """The create-run response shape of the seed."""
+    """The create-run response shape of the seed, redacted."""
     meta = dict(state.get("metadata") or {})
     meta.setdefault("workflow_kind", state.get("workflow_kind"))
     meta["trace_event_count"] = state.get("trace_event_count", 0)
     pending = meta.get("pending_human_request")
-    return {
-        "run_id": state["run_id"],
-        "status": state["status"],
-        "output_text": state.get("output_text"),
-        "human_intervention_required": state["status"] == "paused",
-        "continuation_id": (pending or {}).get("continuation_id") if isinstance(pending, dict) else None,
-        "metadata": meta,
-        **({"error": state["error"]} if state.get("error") and state["status"] == "failed" else {}),
-    }
+    return redact(
+        {
+            "run_id": state["run_id"],
+            "status": state["status"],
+            "output_text": state.get("output_text"),
+            "human_intervention_required": state["status"] == "paused",
+            "continuation_id": (pending or {}).get("continuation_id") if isinstance(pending, dict) else None,
+            "metadata": meta,
+            **({"error": state["error"]} if state.get("error") and state["status"] == "failed" else {}),
+        }
+    )

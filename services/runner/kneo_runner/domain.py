@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kneo_events.redaction import redact
 from kneo_events.schemas import (
     CheckpointSaved,
     EventPayload,
@@ -104,11 +105,13 @@ def decide(
                 sequence=int(state.get("checkpoint_count", 0)) + 1,
                 step_index=step_index,
                 step_id=step["id"],
-                state={
-                    "step_outputs": outputs,
-                    "visited_steps": [*state.get("visited_steps", []), step["id"]],
-                    "next_step_index": step_index + 1,
-                },
+                state=redact(
+                    {
+                        "step_outputs": outputs,
+                        "visited_steps": [*state.get("visited_steps", []), step["id"]],
+                        "next_step_index": step_index + 1,
+                    }
+                ),
             ),
         ]
         more, nxt = _advance(run_id, plan, state, step_index, outcome.output)

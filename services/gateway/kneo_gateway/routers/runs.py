@@ -18,6 +18,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from kneo_events.errors import ConcurrencyConflict, InvalidRequest, NotFound, PayloadTooLarge
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
+from kneo_events.redaction import redact, redact_text
 from kneo_events.schemas import RunCreated, compile_run_command, dumps, new_event
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
@@ -28,6 +29,7 @@ from kneo_gateway.state import Gateway
 router = APIRouter(tags=["runs"])
 
 SORT_FIELDS = ("created_at", "updated_at", "status", "run_id")
+MAX_OFFSET = 1_000_000_000
 _STOP_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
 _SETTLE_TYPES = _STOP_TYPES | {"run.paused", "human.requested"}
 
@@ -259,6 +261,8 @@ async def list_runs(
     gw = _gw(request)
     if limit < 0 or offset < 0:
         raise InvalidRequest("limit and offset must not be negative")
+    if offset > MAX_OFFSET:
+        raise InvalidRequest(f"offset must be at most {MAX_OFFSET}", field="offset")
     if sort_by not in SORT_FIELDS:
         raise InvalidRequest(f"unknown sort_by {sort_by!r}", allowed=list(SORT_FIELDS))
     if sort_order not in ("asc", "desc"):
@@ -307,12 +311,14 @@ async def get_run(run_id: str, request: Request) -> JSONBody:
 
 
 @router.get("/runs/{run_id}/events", dependencies=[Depends(require("runs:read"))])
-async def run_events(run_id: str, request: Request, from_version: Annotated[int, Query(ge=1)] = 1) -> JSONBody:
+async def run_events(
+    run_id: str, request: Request, from_version: Annotated[int, Query(ge=1, le=2**31 - 1)] = 1
+) -> JSONBody:
     """The run's stored event history, in order."""
     gw = _gw(request)
     await _state_or_404(gw, run_id)
     events = await gw.kernel.store.read_stream(run_stream(run_id), from_version)
-    return JSONBody({"run_id": run_id, "events": [e.wire() for e in events], "count": len(events)})
+    return JSONBody({"run_id": run_id, "events": [redact(e.wire()) for e in events], "count": len(events)})
 
 
 def _parse_last_event_id(raw: str | None) -> tuple[int, int]:
@@ -320,16 +326,24 @@ def _parse_last_event_id(raw: str | None) -> tuple[int, int]:
         return 0, -1
     version, _, chunk = raw.partition(".")
     try:
-        return int(version), int(chunk) if chunk else -1
+        parsed = int(version), int(chunk) if chunk else -1
     except ValueError:
         raise InvalidRequest("Last-Event-ID must look like <version> or <version>.<chunk>") from None
+    if not (0 <= parsed[0] < 2**31 - 1 and -1 <= parsed[1] < 2**31):
+        raise InvalidRequest("Last-Event-ID is out of range")
+    return parsed
 
 
 def _event_sse(ev: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=dumps(ev).decode(), event=ev["type"], id=str(ev["version"]))
+    return ServerSentEvent(data=dumps(redact(ev)).decode(), event=ev["type"], id=str(ev["version"]))
 
 
-@router.get("/runs/{run_id}/stream", dependencies=[Depends(require("runs:read", allow_query_token=True))])
+@router.get(
+    "/runs/{run_id}/stream",
+    dependencies=[Depends(require("runs:read", allow_query_token=True))],
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "SSE"}},
+)
 async def stream_run(
     run_id: str,
     request: Request,
@@ -430,4 +444,8 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
             if seq <= cur.chunk:
                 continue
             cur.chunk = seq
-            yield ServerSentEvent(data=dumps(item).decode(), event="output", id=f"{after}.{seq}")
+            yield ServerSentEvent(
+                data=dumps({**item, "text": redact_text(str(item.get("text", "")))}).decode(),
+                event="output",
+                id=f"{after}.{seq}",
+            )
