@@ -205,7 +205,7 @@ def spawn_service(settings: Settings, tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
     kneo = shutil.which("kneo", path=str(Path(sys.executable).parent)) or "kneo"
 
-    def spawn(name: str, **env_overrides: str) -> subprocess.Popen[bytes]:
+    def spawn(name: str, *args: str, **env_overrides: str) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "KNEO_NATS_URL": settings.nats_url or "",
@@ -216,7 +216,7 @@ def spawn_service(settings: Settings, tmp_path: Path) -> Iterator[Any]:
             **env_overrides,
         }
         log = open(tmp_path / f"{name}-{len(procs)}.log", "wb")
-        proc = subprocess.Popen([kneo, "service", "run", name], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([kneo, "service", "run", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         procs.append(proc)
         return proc

@@ -250,6 +250,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # structured records (e.g. http_request) keep their fields at the top level
+            out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return redact_text(orjson.dumps(out).decode())
@@ -257,7 +260,11 @@ class _JsonFormatter(logging.Formatter):
 
 class _ReadableFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
+        return redact_text(text)
 
 
 def redact_dsn(dsn: str | None) -> str:

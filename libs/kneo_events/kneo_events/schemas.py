@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -269,6 +269,30 @@ class CommandDeadLettered(EventPayload):
     name: str
     deliveries: int
     error: str
+
+
+# ---------------------------------------------------------------- governance
+
+
+class EnvironmentPolicyEnforcement(BaseModel):
+    """The gates one environment enforces on specs and runs (the seed's ``EnvironmentPolicyEnforcement``).
+
+    Shared by the compiler (which enforces it after overlays and defaults) and the gateway (which stores it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    fail_on_warnings: bool = False
+    blocked_diagnostic_codes: list[Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{1,63}$")]] = Field(
+        default_factory=list, max_length=100
+    )
+    require_human_review: bool = False
+    require_tool_permissions: bool = False
+    deny_unrestricted_tools: bool = False
+    require_guardrails: bool = False
+
+
+NO_POLICY = EnvironmentPolicyEnforcement(enabled=False)  # what an environment without any policy enforces
 
 
 # ---------------------------------------------------------------- governance events

@@ -12,6 +12,7 @@ from kneo_events.ids import run_stream
 from kneo_events.kernel import Kernel, next_command
 from kneo_events.schemas import (
     Command,
+    EnvironmentPolicyEnforcement,
     RunCompiled,
     RunFailed,
     StepScheduled,
@@ -61,7 +62,8 @@ class CompilerService(WorkerService):
         }
         commands: list[Command] = []
         try:
-            plan = compile_spec(created.data["spec"], created.data.get("environment"))
+            environment = created.data.get("environment")
+            plan = compile_spec(created.data["spec"], environment, policy=await self._service_policy(environment))
         except SpecProblem as exc:
             events = [
                 new_event(
@@ -100,3 +102,12 @@ class CompilerService(WorkerService):
             if fresh and fresh["status"] != "queued":
                 return  # cancelled (or compiled) concurrently
             raise
+
+    async def _service_policy(self, environment: str | None) -> EnvironmentPolicyEnforcement | None:
+        """The service-managed policy of an environment (``PUT /v1/policies/environment/{env}``), if any."""
+        if not environment:
+            return None
+        row = await self.kernel.store.pool.fetchrow(
+            "SELECT policy FROM environment_policies WHERE environment = $1", environment
+        )
+        return EnvironmentPolicyEnforcement.model_validate(dict(row["policy"])) if row else None

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from kneo_compiler.diagnostics import Diagnostic, diag
 from kneo_compiler.governance import ToolFacts, function_paths, has_human_approval, tool_inventory, unsafe_import
 from kneo_compiler.models import Spec, canonical_kind
 from kneo_compiler.structure import agents_of, workflow_items
+from kneo_events.schemas import EnvironmentPolicyEnforcement
 
 JSON = dict[str, Any]
+__all__ = ["EnvironmentPolicyEnforcement", "enforce", "policy_report"]
 UNRESTRICTED_CODES = {"W_NETWORK_UNRESTRICTED", "W_SHELL_TOOL"}
-
-
-class EnvironmentPolicyEnforcement(BaseModel):
-    """The gates of one environment (the seed's ``EnvironmentPolicyEnforcement``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    fail_on_warnings: bool = False
-    blocked_diagnostic_codes: list[str] = Field(default_factory=list)
-    require_human_review: bool = False
-    require_tool_permissions: bool = False
-    deny_unrestricted_tools: bool = False
-    require_guardrails: bool = False
 
 
 def enforce(

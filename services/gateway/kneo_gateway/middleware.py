@@ -65,7 +65,7 @@ class RequestContext:
                     value = scope["state"].get(key)
                     if value:
                         record[key] = value
-                log.info(orjson.dumps(record).decode())
+                log.info("http_request", extra={"fields": record})
 
 
 class BodyLimit:

@@ -7,11 +7,16 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from kneo_events.errors import ConcurrencyConflict, InvalidRequest
 from kneo_events.redaction import REDACTED, redact
-from kneo_events.schemas import CredentialInventoryAccessed, PolicyChanged, new_event
+from kneo_events.schemas import (
+    NO_POLICY,
+    CredentialInventoryAccessed,
+    EnvironmentPolicyEnforcement,
+    PolicyChanged,
+    new_event,
+)
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.state import Gateway
@@ -88,21 +93,6 @@ async def credentials_inventory(
     return JSONBody({"inventory": inventory})
 
 
-class EnvironmentPolicyEnforcement(BaseModel):
-    """The gates an environment enforces on specs and runs (seeds/004 "Environment policy management")."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = False
-    fail_on_warnings: bool = False
-    blocked_diagnostic_codes: list[Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{1,63}$")]] = Field(
-        default_factory=list, max_length=100
-    )
-    require_human_review: bool = False
-    require_tool_permissions: bool = False
-    deny_unrestricted_tools: bool = False
-    require_guardrails: bool = False
-
-
 def _env(environment: str) -> str:
     if not _ENV_NAME.match(environment):
         raise InvalidRequest(
@@ -147,9 +137,7 @@ async def get_policy(environment: str, request: Request) -> JSONBody:
     """The effective policy of one environment (``source: default`` when the service has none for it)."""
     policy, version = await _current(_gw(request), _env(environment))
     if policy is None:
-        return JSONBody(
-            {"environment": environment, "policy": EnvironmentPolicyEnforcement().model_dump(), "source": "default"}
-        )
+        return JSONBody({"environment": environment, "policy": NO_POLICY.model_dump(), "source": "default"})
     return JSONBody({"environment": environment, "policy": policy, "source": "service", "version": version})
 
 
@@ -165,7 +153,7 @@ async def put_policy(
     _env(environment)
     current = policy.model_dump()
     previous, version = await _current(gw, environment)
-    baseline = previous if previous is not None else EnvironmentPolicyEnforcement().model_dump()
+    baseline = previous if previous is not None else NO_POLICY.model_dump()
     changed = sorted(k for k in current if baseline.get(k) != current.get(k))
     event = PolicyChanged(
         environment=environment,
