@@ -216,3 +216,41 @@ def test_unreachable_servers_are_one_line_errors(cli_env: dict[str, str]) -> Non
     assert res.returncode == 5, res.stderr
     assert res.stderr.strip().count("\n") == 0
     assert "cannot reach PostgreSQL" in res.stderr and "secret" not in res.stderr and "KNEO_DATABASE_URL" in res.stderr
+
+
+def test_spec_commands_locally_and_through_the_service(
+    served: tuple[str, subprocess.Popen[str], dict[str, str]], tmp_path: Path
+) -> None:
+    url, _, env = served
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: v1\nagent:\n  name: a\n  tools: [nonexistent_tool]\n")
+    for extra in ([], ["--service-url", url]):
+        ok = kneo(env, "spec", "validate", "examples/research_agent.yaml", "--env", "prod", "--json", *extra)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["valid"] is True
+        no = kneo(env, "spec", "validate", str(bad), "--json", *extra)
+        assert no.returncode == 1
+        assert "E_UNKNOWN_TOOL" in [d["code"] for d in json.loads(no.stdout)["diagnostics"]]
+        plan = kneo(env, "spec", "compile", "examples/research_agent.yaml", "--json", *extra)
+        assert plan.returncode == 0 and json.loads(plan.stdout)["hash"].startswith("sha256:")
+        report = kneo(env, "spec", "policy-report", "examples/research_agent.yaml", "--json", *extra)
+        assert report.returncode == 0 and set(json.loads(report.stdout)) == {"valid", "report"}
+    lint = kneo(env, "spec", "lint", "examples/legacy_agent.yaml", "--json")
+    assert lint.returncode == 1 and json.loads(lint.stdout)["warning_count"] >= 1
+
+
+def test_run_honours_the_project_policy(cli_env: dict[str, str], tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / ".kneo").mkdir(parents=True)
+    (project / ".kneo" / "config.yaml").write_text(
+        "name: demo\nenvironments:\n  prod:\n    policy_enforcement:\n      enabled: true\n      require_guardrails: true\n"
+    )
+    spec = project / "plain.yaml"
+    spec.write_text(
+        "version: v1\nagent: {name: a, model: {provider: dummy}}\n"
+        "workflow: {name: w, kind: sequential, steps: [{id: one}]}\n"
+    )
+    env = {**cli_env, "KNEO_PROJECT_CONFIG": str(project / ".kneo" / "config.yaml")}
+    refused = kneo(env, "run", str(spec), "--input", "x", "--env", "prod", "--service-url", "http://127.0.0.1:9")
+    assert refused.returncode == 1 and "E_POLICY_GUARDRAILS" in refused.stdout + refused.stderr
+    assert "nothing was run" in refused.stderr

@@ -180,6 +180,7 @@ async def run_platform(
         async with asyncio.TaskGroup() as tg:
             for name in workers:
                 svc = build_service(name, kernel)
+                await svc.start()
                 tg.create_task(kernel.bus.consume(name, svc.handle, svc.dead_letter, stop), name=f"consume-{name}")
             url = None
             if app is not None:

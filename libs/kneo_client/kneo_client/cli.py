@@ -229,7 +229,12 @@ def run_cmd(
     follow: Annotated[bool, typer.Option("--follow", help="Stream the run's output live.")] = False,
     service_url: Annotated[str | None, typer.Option("--service-url", help="Kneo service to use.")] = None,
 ) -> None:
-    """Run an agent/workflow spec: on a service when one is given, else on an in-process embedded platform."""
+    """Run an agent/workflow spec: on a service when one is given, else on an in-process embedded platform.
+
+    With a project config (``.kneo/config.yaml``), its overlays and the environment's ``policy_enforcement`` are
+    checked first: a spec the policy refuses is not submitted (exit 1).
+    """
+    _enforce_project_policy(spec, env)
     url = _service_url(service_url)
     if url:
         state = asyncio.run(_run_remote(url, spec, run_input, env, target, follow, as_json))
@@ -265,6 +270,23 @@ async def _with_client(url: str, call: Callable[[AsyncServiceClient], Awaitable[
 
 def _exit_for(exc: ServiceError) -> int:
     return {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_FAILED)
+
+
+def _enforce_project_policy(spec: Path, env: str | None) -> None:
+    from kneo_client.spec_cli import print_diagnostics, project_config
+    from kneo_compiler.project import select_environment
+    from kneo_compiler.spec import check
+
+    project, _ = project_config()
+    if project is None:
+        return
+    environment = select_environment(env, os.environ, project)
+    result = check(spec.read_bytes(), environment, project=project)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    if errors:
+        print_diagnostics(errors)
+        err.print(f"kneo: the spec does not pass the project's checks for environment {environment!r}; nothing was run")
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _run_local(

@@ -54,22 +54,54 @@ def _format(d: Diagnostic) -> str:
     return f"{d.severity:<7} {d.code} {where}: {d.message}{hint}"
 
 
-def _print_diagnostics(diagnostics: list[Diagnostic]) -> None:
+def print_diagnostics(diagnostics: list[Diagnostic]) -> None:
     for d in diagnostics:
         typer.echo(_format(d))
 
 
-def _local_only(service_url: str | None, profile: str | None) -> None:
-    if service_url or profile:
-        _fail("service mode is not available for spec commands yet; run without --service-url/--profile")
+def _service(service_url: str | None, profile: str | None) -> str | None:
+    """The service to ask instead of the local library (``--service-url``), or None."""
+    if profile:
+        _fail("service profiles are not available yet; pass --service-url (and KNEO_SERV_API_KEY) instead")
+    return service_url
 
 
-def _project() -> tuple[ProjectConfig | None, Path | None]:
+def _remote(url: str, route: str, text: bytes, environment: str | None) -> dict[str, Any]:
+    """POST the spec to ``/v1/specs/<route>`` and return the body; service errors end the command with one line."""
+    import httpx
+
+    key = os.environ.get("KNEO_API_KEY") or os.environ.get("KNEO_SERV_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        spec = text.decode("utf-8")
+    except UnicodeDecodeError:
+        _fail("the spec is not UTF-8 text")
+    try:
+        resp = httpx.post(
+            f"{url.rstrip('/')}/v1/specs/{route}",
+            json={"spec": spec, "environment": environment},
+            headers=headers,
+            timeout=60,
+        )
+    except httpx.TransportError:
+        _fail(f"no service answers at {url}; start one with `kneo service serve`")
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json()
+            message = f"{resp.status_code} {detail.get('error')}: {detail.get('message')}"
+        except ValueError:
+            message = f"{resp.status_code} {resp.text[:200]}"
+        _fail(message)
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def project_config() -> tuple[ProjectConfig | None, Path | None]:
     try:
         path = find_project_config(Path.cwd(), os.environ)
         return (load_project_config(path), path) if path else (None, None)
     except SpecProblem as exc:
-        _print_diagnostics(exc.diagnostics)
+        print_diagnostics(exc.diagnostics)
         raise typer.Exit(EXIT_DIAGNOSTICS) from None
 
 
@@ -96,7 +128,7 @@ def _max_bytes() -> int:
 
 
 def _context(spec_path: Path | None, env: str | None) -> tuple[bytes, str | None, ProjectConfig | None]:
-    project, config_path = _project()
+    project, config_path = project_config()
     path = _spec_path(spec_path, project, config_path)
     return _read(path), select_environment(env, os.environ, project), project
 
@@ -110,8 +142,16 @@ def validate_cmd(
     profile: ProfileOpt = None,
 ) -> None:
     """Validate a spec: print every diagnostic; exit 1 if any is an error."""
-    _local_only(service_url, profile)
+    url = _service(service_url, profile)
     text, environment, project = _context(spec_path, env)
+    if url:
+        body = _remote(url, "validate", text, environment)
+        if as_json:
+            _print_json(body)
+        else:
+            print_diagnostics([Diagnostic.model_validate(d) for d in body["diagnostics"]])
+            typer.echo("valid" if body["valid"] else "invalid")
+        raise typer.Exit(EXIT_OK if body["valid"] else EXIT_DIAGNOSTICS)
     result = check(text, environment, project=project, max_bytes=_max_bytes())
     if as_json:
         spec = result.spec
@@ -127,7 +167,7 @@ def validate_cmd(
             }
         )
     else:
-        _print_diagnostics(result.diagnostics)
+        print_diagnostics(result.diagnostics)
         typer.echo("valid" if result.valid else "invalid")
     raise typer.Exit(EXIT_OK if result.valid else EXIT_DIAGNOSTICS)
 
@@ -141,7 +181,7 @@ def lint_cmd(spec_path: SpecPath = None, env: EnvOpt = None, as_json: JsonOpt = 
     if as_json:
         _print_json(view)
     else:
-        _print_diagnostics([d for d in diagnostics if d.severity != "info"])
+        print_diagnostics([d for d in diagnostics if d.severity != "info"])
         typer.echo(f"{view['error_count']} error(s), {view['warning_count']} warning(s)")
     raise typer.Exit(EXIT_OK if view["clean"] else EXIT_DIAGNOSTICS)
 
@@ -155,12 +195,18 @@ def compile_cmd(
     profile: ProfileOpt = None,
 ) -> None:
     """Compile a spec into its executable plan (deterministic, content-hashed)."""
-    _local_only(service_url, profile)
+    url = _service(service_url, profile)
     text, environment, project = _context(spec_path, env)
-    try:
-        plan = compile_spec(text, environment, project=project, runnable=False)
-    except SpecProblem as exc:
-        _report_problem(exc, as_json)
+    if url:
+        body = _remote(url, "compile", text, environment)
+        if not body["valid"]:
+            _report_problem(SpecProblem([Diagnostic.model_validate(d) for d in body["diagnostics"]]), as_json)
+        plan = body["plan"]
+    else:
+        try:
+            plan = compile_spec(text, environment, project=project, runnable=False)
+        except SpecProblem as exc:
+            _report_problem(exc, as_json)
     if as_json:
         _print_json(plan)
     else:
@@ -174,7 +220,7 @@ def _report_problem(exc: SpecProblem, as_json: bool) -> NoReturn:
     if as_json:
         _print_json({"valid": False, "diagnostics": [d.model_dump(exclude_none=True) for d in exc.diagnostics]})
     else:
-        _print_diagnostics(exc.diagnostics)
+        print_diagnostics(exc.diagnostics)
     raise typer.Exit(EXIT_DIAGNOSTICS)
 
 
@@ -241,9 +287,13 @@ def policy_report_cmd(
     profile: ProfileOpt = None,
 ) -> None:
     """Generate a policy evaluation report for a spec."""
-    _local_only(service_url, profile)
+    url = _service(service_url, profile)
     text, environment, project = _context(spec_path, env)
-    result = policy_report_for(text, environment, project=project)
+    result = (
+        _remote(url, "policy-report", text, environment)
+        if url
+        else policy_report_for(text, environment, project=project)
+    )
     report = result["report"]
     if as_json:
         _print_json(result)
@@ -259,7 +309,7 @@ def policy_report_cmd(
             f"  human review: approval required {review.get('approval_required')}, "
             f"present {review.get('approval_present')}, reviewers {review.get('reviewers')}"
         )
-        _print_diagnostics([Diagnostic.model_validate(d) for d in report["diagnostics"]])
+        print_diagnostics([Diagnostic.model_validate(d) for d in report["diagnostics"]])
     raise typer.Exit(EXIT_OK if result["valid"] else EXIT_DIAGNOSTICS)
 
 
@@ -347,6 +397,6 @@ def bundle_verify_cmd(
             body.update({k: bundle[k] for k in ("spec_name", "environment", "approved_by", "approved_at", "digest")})
         _print_json(body)
     else:
-        _print_diagnostics(problems)
+        print_diagnostics(problems)
         typer.echo(f"verified: approved by {bundle['approved_by']} for {bundle['environment']}" if ok else "NOT valid")
     raise typer.Exit(EXIT_OK if ok else EXIT_DIAGNOSTICS)

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from kneo_events import subjects
+from kneo_events.errors import NotReady
 from kneo_events.schemas import Command, RecordedEvent, dumps, loads
 from kneo_events.settings import Settings
 
@@ -295,6 +296,24 @@ class Bus:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def serve_requests(self, service: str, cb: Callable[[Msg], Awaitable[None]]) -> object:
+        """Answer ``kneo.rpc.<service>.*`` requests; every copy of the service joins one queue group."""
+        return await self.nc.subscribe(
+            self.subject(subjects.service_rpc(service)), queue=self.consumer_name(service), cb=cb
+        )
+
+    async def request(self, service: str, operation: str, payload: Any, timeout: float) -> Any:
+        """Call a service (request/reply, bounded); raises ``NotReady`` when no copy answers in time."""
+        try:
+            reply = await self.nc.request(
+                self.subject(subjects.rpc(service, operation)), dumps(payload), timeout=timeout
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
+            raise NotReady(
+                f"the {service} service did not answer within {timeout:g}s ({type(exc).__name__})", service=service
+            ) from None
+        return loads(reply.data)
 
     async def subscribe_core(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> object:
         """A plain (non-JetStream) subscription, for live fan-out to SSE clients."""

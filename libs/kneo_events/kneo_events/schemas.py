@@ -318,6 +318,46 @@ class CredentialInventoryAccessed(EventPayload):
     counts: dict[str, int]
 
 
+class _SpecOperation(EventPayload):
+    """A spec operation someone asked the service for (the audit log projects these)."""
+
+    operation: str
+    valid: bool
+    environment: str | None = None
+    spec_path: str | None = None
+    diagnostic_count: int = 0
+    source: str = "spec"  # "spec": a spec in the request; "run": the spec a run started with
+    run_id: str | None = None
+
+
+@register
+class SpecValidated(_SpecOperation):
+    """``POST /v1/specs/validate``."""
+
+    type: ClassVar[str] = "spec.validated"
+
+
+@register
+class SpecCompiled(_SpecOperation):
+    """``POST /v1/specs/compile``."""
+
+    type: ClassVar[str] = "spec.compiled"
+
+
+@register
+class SpecExplained(_SpecOperation):
+    """``POST /v1/specs/explain``."""
+
+    type: ClassVar[str] = "spec.explained"
+
+
+@register
+class SpecPolicyReported(_SpecOperation):
+    """``POST /v1/specs/policy-report`` or ``GET /v1/runs/{run_id}/policy-report`` (``source: "run"``)."""
+
+    type: ClassVar[str] = "spec.policy_reported"
+
+
 # ---------------------------------------------------------------- commands
 
 

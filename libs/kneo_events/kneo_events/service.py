@@ -26,6 +26,9 @@ class WorkerService:
         self.log = logging.getLogger(f"kneo.{self.name}")
         self.handlers: dict[str, Handler] = {}
 
+    async def start(self) -> None:
+        """Start what the service runs besides its command consumer (request/reply handlers); none by default."""
+
     async def handle(self, cmd: Command, msg: Msg) -> None:
         """Handle one command (return = ack, raise = retry with backoff)."""
         handler = self.handlers.get(cmd.name)

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # --- gateway
     host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("KNEO_HOST"))
     port: int = Field(default=8000, validation_alias=AliasChoices("KNEO_PORT"))
+    rpc_timeout_seconds: float = Field(
+        default=15.0, gt=0, validation_alias=AliasChoices("KNEO_SERV_RPC_TIMEOUT_SECONDS")
+    )
     sync_wait_seconds: float = Field(default=30.0, validation_alias=AliasChoices("KNEO_SERV_SYNC_WAIT_SECONDS"))
     sse_heartbeat_seconds: float = Field(default=15.0, validation_alias=AliasChoices("KNEO_SERV_SSE_HEARTBEAT_SECONDS"))
     sse_client_buffer: int = Field(default=1000, validation_alias=AliasChoices("KNEO_SERV_SSE_CLIENT_BUFFER"))

@@ -48,3 +48,13 @@ def split_stream_id(stream_id: str) -> tuple[str, str]:
     """``run-<id>`` → ``("run", "<id>")``."""
     stream_type, _, key = stream_id.partition("-")
     return stream_type, key
+
+
+def rpc(service: str, operation: str) -> str:
+    """``kneo.rpc.<service>.<operation>``: a request/reply call answered by one copy of a service."""
+    return f"kneo.rpc.{service}.{operation}"
+
+
+def service_rpc(service: str) -> str:
+    """Every request/reply subject of one service."""
+    return f"kneo.rpc.{service}.>"

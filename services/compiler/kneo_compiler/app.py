@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import anyio
 from nats.aio.msg import Msg
 
+from kneo_compiler.operations import OPERATIONS, run_operation
 from kneo_compiler.spec import SpecProblem, compile_spec
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
@@ -16,7 +19,9 @@ from kneo_events.schemas import (
     RunCompiled,
     RunFailed,
     StepScheduled,
+    dumps,
     execute_step_command,
+    loads,
     new_event,
     step_command_id,
 )
@@ -111,3 +116,25 @@ class CompilerService(WorkerService):
             "SELECT policy FROM environment_policies WHERE environment = $1", environment
         )
         return EnvironmentPolicyEnforcement.model_validate(dict(row["policy"])) if row else None
+
+    # ------------------------------------------------------------------ spec requests (request/reply)
+
+    async def start(self) -> None:
+        """Answer the gateway's spec requests (``kneo.rpc.compiler.<operation>``)."""
+        await self.kernel.bus.serve_requests(SERVICE, self.answer)
+
+    async def answer(self, msg: Msg) -> None:
+        """One spec request: ``{"spec", "environment"}`` → ``{"ok": true, "body"}`` (or ``ok: false``)."""
+        operation = msg.subject.rsplit(".", 1)[-1]
+        try:
+            request = loads(msg.data)
+            if operation not in OPERATIONS or not isinstance(request, dict):
+                raise ValueError(f"unknown spec operation {operation!r}")
+            environment = request.get("environment")
+            policy = await self._service_policy(environment)
+            body = await anyio.to_thread.run_sync(run_operation, operation, request["spec"], environment, policy)
+            reply: dict[str, Any] = {"ok": True, "body": body}
+        except Exception as exc:  # a reply always goes back: the caller must never wait for a timeout
+            self.log.exception("spec request %s failed", operation)
+            reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)[:500]}
+        await msg.respond(dumps(reply))

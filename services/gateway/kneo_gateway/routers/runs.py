@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import copy
-import hashlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
-import orjson
-import yaml
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
@@ -24,6 +18,7 @@ from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
+from kneo_gateway.spec_source import load_spec
 from kneo_gateway.state import Gateway
 
 router = APIRouter(tags=["runs"])
@@ -39,85 +34,6 @@ def _gw(request: Request) -> Gateway:
     return gw
 
 
-def _load_spec(gw: Gateway, body: RunRequest) -> tuple[dict[str, Any], str | None]:
-    s = gw.settings
-    if body.spec is not None and body.spec_path is not None:
-        raise InvalidRequest("give either spec or spec_path, not both")
-    if body.spec is not None:
-        raw = body.spec if isinstance(body.spec, str) else orjson.dumps(body.spec).decode()
-        if len(raw.encode()) > s.max_inline_spec_bytes:
-            raise PayloadTooLarge(
-                f"spec exceeds {s.max_inline_spec_bytes} bytes", field="spec", limit=s.max_inline_spec_bytes
-            )
-        if isinstance(body.spec, dict):
-            return body.spec, None
-        return _parse(gw, raw, "spec"), None
-    if body.spec_path is None:
-        raise InvalidRequest("a run needs a spec: give spec_path or an inline spec", field="spec_path")
-    if len(body.spec_path) > s.max_path_chars:
-        raise PayloadTooLarge(
-            f"spec_path exceeds {s.max_path_chars} characters", field="spec_path", limit=s.max_path_chars
-        )
-    root = (s.spec_root or Path.cwd()).resolve()
-    path = (root / body.spec_path).resolve()
-    if not path.is_relative_to(root):
-        raise InvalidRequest(f"spec_path must stay inside the service's spec root {root}", field="spec_path")
-    try:
-        if path.stat().st_size > s.max_inline_spec_bytes:
-            raise PayloadTooLarge(
-                f"spec file exceeds {s.max_inline_spec_bytes} bytes",
-                field="spec_path",
-                limit=s.max_inline_spec_bytes,
-            )
-        text = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise InvalidRequest(f"spec_path not found: {body.spec_path}", field="spec_path") from None
-    except OSError as exc:
-        raise InvalidRequest(f"spec_path unreadable: {exc.strerror}", field="spec_path") from None
-    return _parse(gw, text, "spec_path"), str(body.spec_path)
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, "YAML aliases are not allowed in specs", self.peek_event().start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def _parse(gw: Gateway, text: str | bytes, field: str) -> dict[str, Any]:
-    """Parse spec YAML, memoized per text (parsing in pure Python costs ~1 ms; clients resend the same specs)."""
-    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-    key = (hashlib.blake2b(raw, digest_size=16).digest(), field)
-    cached = gw.spec_cache.get(key)
-    if cached is not None:
-        gw.spec_cache.move_to_end(key)
-        return copy.deepcopy(cached)
-    data = _parse_uncached(text, field)
-    gw.spec_cache[key] = data
-    if len(gw.spec_cache) > 256:
-        gw.spec_cache.popitem(last=False)
-    return copy.deepcopy(data)
-
-
-def _parse_uncached(text: str | bytes, field: str) -> dict[str, Any]:
-    try:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        data = yaml.load(text, Loader=_NoAliasLoader)
-    except UnicodeDecodeError:
-        raise InvalidRequest("the spec is not UTF-8 text", field=field) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InvalidRequest(f"the spec is not valid YAML{where}: {problem}", field=field) from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the spec must be a YAML mapping", field=field)
-    return data
-
-
 @router.post("/runs", response_model=RunBody, responses={202: {"model": RunBody}})
 async def create_run(
     body: RunRequest,
@@ -129,6 +45,13 @@ async def create_run(
 
     With an ``Idempotency-Key``, a repeat of the same request replays the first response and starts nothing.
     """
+    return await start_run(request, body, principal, idempotency_key, route="POST /runs")
+
+
+async def start_run(
+    request: Request, body: RunRequest, principal: Principal, idempotency_key: str | None, route: str
+) -> JSONBody:
+    """Validate, then start a run (once per Idempotency-Key and ``route``)."""
     gw = _gw(request)
     s = gw.settings
     if body.input is not None and len(body.input) > s.max_input_chars:
@@ -137,16 +60,12 @@ async def create_run(
         raise PayloadTooLarge(
             f"metadata exceeds {s.max_metadata_bytes} bytes", field="metadata", limit=s.max_metadata_bytes
         )
-    if body.spec_path is not None and body.spec is None:  # file I/O off the event loop
-        spec, spec_path = await anyio.to_thread.run_sync(_load_spec, gw, body)
-    else:
-        spec, spec_path = _load_spec(gw, body)
+    spec, spec_path = await load_spec(gw, body.spec, body.spec_path)
     start = _RunStart(gw, request, body, spec, spec_path, principal.name)
     if idempotency_key is None:
         status, out = await start.run(new_run_id())
         return JSONBody(out, status_code=status)
     key = validate_key(idempotency_key)
-    route = "POST /runs"
     claim = await gw.idempotency.claim(
         principal.name, route, key, request_hash(body.model_dump(mode="json")), new_run_id(), s.sync_wait_seconds + 5
     )
