@@ -187,8 +187,15 @@ class EventStore:
         ):
             return await self._append_run(stream_id, events, expected_version, command_id, prior_state)
         if conn is None:
-            async with self.pool.acquire() as c:
-                return await self.append(stream_id, events, expected_version, command_id, conn=c)
+            for attempt in range(5):
+                try:
+                    async with self.pool.acquire() as c:
+                        return await self.append(stream_id, events, expected_version, command_id, conn=c)
+                except ConcurrencyConflict:
+                    # "append at the end, whatever the version": another writer got there first; just try again
+                    if expected_version is not None or attempt == 4:
+                        raise
+            raise AssertionError("unreachable")
         try:
             async with conn.transaction():
                 return await self._append_in_tx(conn, stream_id, events, expected_version, command_id)
