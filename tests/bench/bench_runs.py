@@ -458,12 +458,77 @@ async def sync_run(client: httpx.AsyncClient, spec: str, i: int) -> Outcome:
     return Outcome(dt, resp.status_code, body.get("run_id"), status, err, sent_at)
 
 
-async def run_pool(client: httpx.AsyncClient, spec: str, n: int, concurrency: int) -> tuple[list[Outcome], float]:
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client (one connection) for the throughput phase.
+
+    httpx costs about as much CPU per request as the server does; on a 2-core machine the load generator would
+    then take a core from the platform it measures. This client spends little, so the figure is the platform's.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        body = json.dumps(payload).encode()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length)
+        return status, json.loads(data) if data else None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+
+async def raw_sync_run(client: RawHttp, spec: str, i: int) -> Outcome:
+    """:func:`sync_run` over :class:`RawHttp`."""
+    sent_at, t0 = time.time(), time.perf_counter()
+    try:
+        code, body = await client.post_json("/v1/runs", {"spec": spec, "input": f"bench {i}", "async_mode": False})
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return Outcome(time.perf_counter() - t0, None, None, None, f"{type(exc).__name__}: {exc}", sent_at)
+    dt = time.perf_counter() - t0
+    if not isinstance(body, dict) or code not in (200, 202):
+        return Outcome(dt, code, None, None, f"HTTP {code}: {str(body)[:500]}", sent_at)
+    status = body.get("status")
+    err = None if status == "succeeded" else f"HTTP {code}: {json.dumps(body)[:500]}"
+    return Outcome(dt, code, body.get("run_id"), status, err, sent_at)
+
+
+async def run_pool(
+    client: httpx.AsyncClient, spec: str, n: int, concurrency: int, raw: bool = False
+) -> tuple[list[Outcome], float]:
     """``n`` sync runs with at most ``concurrency`` in flight; returns the outcomes and the wall time."""
     outcomes: list[Outcome] = []
     counter = iter(range(n))
 
     async def worker() -> None:
+        if raw:
+            conn = RawHttp(str(client.base_url).rstrip("/"))
+            try:
+                for i in counter:
+                    outcomes.append(await raw_sync_run(conn, spec, i))
+            finally:
+                await conn.close()
+            return
         for i in counter:
             outcomes.append(await sync_run(client, spec, i))
 
@@ -574,7 +639,7 @@ async def breakdown(conn: asyncpg.Connection, after_position: int, outcomes: lis
 
 
 async def phase_throughput(
-    client: httpx.AsyncClient, plat: Platform, spec: str, n: int, concurrency: int
+    client: httpx.AsyncClient, plat: Platform, spec: str, n: int, concurrency: int, raw: bool = True
 ) -> dict[str, Any]:
     """N sync runs at concurrency C, with events/s, CPU% and RSS of every process of the platform."""
     conn = await asyncpg.connect(plat.database_url, timeout=10)
@@ -595,7 +660,7 @@ async def phase_throughput(
         groups = {**plat.process_groups(), "bench_client": [psutil.Process()]}
         psutil.cpu_percent(None)
         cpu_before = cpu_snapshot(groups)
-        outcomes, wall = await run_pool(client, spec, n, concurrency)
+        outcomes, wall = await run_pool(client, spec, n, concurrency, raw=raw)
         groups = {**plat.process_groups(), "bench_client": [psutil.Process()]}
         cpu_after = cpu_snapshot(groups)
         machine_busy = psutil.cpu_percent(None)
@@ -734,7 +799,9 @@ async def phase_sse(client: httpx.AsyncClient, spec: str, n: int) -> dict[str, A
     }
 
 
-async def measure(plat: Platform, spec: str, runs: int, concurrency: int, sequential: int, sse: int) -> dict[str, Any]:
+async def measure(
+    plat: Platform, spec: str, runs: int, concurrency: int, sequential: int, sse: int, raw: bool = True
+) -> dict[str, Any]:
     """Warm up, then the three phases, in order, against one running platform."""
     limits = httpx.Limits(max_connections=concurrency + 20, max_keepalive_connections=concurrency + 20)
     async with httpx.AsyncClient(
@@ -744,7 +811,7 @@ async def measure(plat: Platform, spec: str, runs: int, concurrency: int, sequen
         if any(o.status != "succeeded" for o in warm):
             raise BenchError(f"warm-up runs did not succeed: {json.dumps(failure_report(warm))}")
         phases: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-            ("throughput", lambda: phase_throughput(client, plat, spec, runs, concurrency)),
+            ("throughput", lambda: phase_throughput(client, plat, spec, runs, concurrency, raw)),
             ("sequential", lambda: phase_sequential(client, spec, sequential)),
             ("sse", lambda: phase_sse(client, spec, sse)),
         ]
@@ -887,7 +954,9 @@ def run_variant(variant: str, spec: str, args: argparse.Namespace) -> dict[str, 
     res: dict[str, Any]
     try:
         plat.start()
-        res = asyncio.run(measure(plat, spec, args.runs, args.concurrency, args.sequential, args.sse))
+        res = asyncio.run(
+            measure(plat, spec, args.runs, args.concurrency, args.sequential, args.sse, args.client == "raw")
+        )
     except Exception as exc:
         res = {"error": _describe(exc)}
         died = [
@@ -929,6 +998,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 50 sequential, 50 SSE")
     parser.add_argument("--keep-data", action="store_true", help="keep each variant's temp dir (logs, data)")
+    parser.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="throughput-phase HTTP client: raw (a minimal keep-alive client, default) or httpx",
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (QUICK_RUNS if args.quick else 1000)
     args.sequential = args.sequential or (QUICK_SEQUENTIAL if args.quick else SEQUENTIAL_RUNS)
@@ -959,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {
             "runs": args.runs,
             "concurrency": args.concurrency,
+            "client": args.client,
             "sequential": args.sequential,
             "sse": args.sse,
             "warmup": WARMUP_RUNS,

@@ -202,5 +202,5 @@ async def test_one_round_trip_run_append_matches_the_generic_path(store: EventSt
 
 
 async def test_appends_at_the_end_retry_a_lost_race(store: EventStore) -> None:
-    results = await asyncio.gather(*(store.append("shared-1", [ev(i)], None) for i in range(10)))
-    assert sorted(r.version for r in results) == list(range(1, 11))
+    results = await asyncio.gather(*(store.append("shared-1", [ev(i)], None) for i in range(30)))
+    assert sorted(r.version for r in results) == list(range(1, 31))

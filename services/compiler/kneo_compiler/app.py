@@ -48,9 +48,17 @@ class CompilerService(WorkerService):
         run_id = str(cmd.data["run_id"])
         stream_id = run_stream(run_id)
         store = self.kernel.store
-        state = await store.get_run(run_id)
-        if state is None:
+        # One round trip: the run's state, its run.created payload and its environment's service policy.
+        row = await store.pool.fetchrow(
+            "SELECT r.state, e.data AS created, p.policy FROM runs r "
+            "JOIN events e ON e.stream_id = $2 AND e.version = 1 "
+            "LEFT JOIN environment_policies p ON p.environment = e.data->>'environment' WHERE r.run_id = $1",
+            run_id,
+            stream_id,
+        )
+        if row is None:
             raise LookupError(f"run {run_id} not found (yet)")
+        state = dict(row["state"])
         if state["status"] != "queued" or state.get("workflow_kind"):
             # Already compiled (resend the first step in case the earlier handling crashed before sending it;
             # JetStream drops the duplicate), or cancelled meanwhile.
@@ -58,7 +66,8 @@ class CompilerService(WorkerService):
             if follow is not None and state["status"] in ("queued", "running"):
                 await self.kernel.bus.publish_command(follow)
             return
-        created = (await store.read_stream(stream_id, 1, 1))[0]
+        created: dict[str, Any] = row["created"]
+        policy = EnvironmentPolicyEnforcement.model_validate(dict(row["policy"])) if row["policy"] else None
         meta = {
             "request_id": cmd.metadata.get("request_id"),
             "causation_id": cmd.command_id,
@@ -67,8 +76,7 @@ class CompilerService(WorkerService):
         }
         commands: list[Command] = []
         try:
-            environment = created.data.get("environment")
-            plan = compile_spec(created.data["spec"], environment, policy=await self._service_policy(environment))
+            plan = compile_spec(created["spec"], created.get("environment"), policy=policy)
         except SpecProblem as exc:
             events = [
                 new_event(

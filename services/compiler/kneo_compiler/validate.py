@@ -128,7 +128,8 @@ def check_secrets(value: Any, path: str) -> list[Diagnostic]:
     """Secret-looking keys must hold ``${env:NAME}`` references, never literal values."""
     out: list[Diagnostic] = []
     if isinstance(value, dict):
-        for key, item in value.items():
+        for raw_key, item in value.items():
+            key = str(raw_key)  # YAML allows numbers (and more) as keys
             child = join_path(path, key) if path else key
             if key == "env" or key.endswith("_env"):
                 continue  # env-var names, not values

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -55,27 +55,61 @@ class LiveHub:
         self.bus = bus
         self.buffer = buffer
         self.topics: dict[str, _RunTopic] = {}
+        # Waiters for a run's own milestones (run.succeeded, run.failed, …) share one subscription to every run's
+        # ``run.*`` events (a few per run), so a sync request costs no subscribe/flush round trip of its own.
+        self.waiters: dict[str, set[Listener]] = {}
+        self._lifecycle_sub: Any = None
+        self._lifecycle_prefix = ""
 
     async def start(self) -> None:
-        """Nothing to do up front: subscriptions follow listeners."""
+        """Subscribe to every run's lifecycle events (``kneo.evt.run.*.run.*``) for waiters."""
+        self._lifecycle_prefix = self.bus.subject("kneo.evt.run.")
+        self._lifecycle_sub = await self.bus.subscribe_core("kneo.evt.run.*.run.*", self._on_lifecycle)
 
     async def stop(self) -> None:
         """Drop every subscription."""
         for topic in self.topics.values():
             await self._unsubscribe(topic)
         self.topics.clear()
+        if self._lifecycle_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._lifecycle_sub.unsubscribe()
+            self._lifecycle_sub = None
+
+    async def _on_lifecycle(self, msg: Msg) -> None:
+        run_id = msg.subject[len(self._lifecycle_prefix) :].split(".", 1)[0]
+        targets = self.waiters.get(run_id)
+        if targets:
+            wire = loads(msg.data)
+            for listener in list(targets):
+                listener.push("event", wire)
+
+    @contextlib.contextmanager
+    def wait_for(self, run_id: str, event_types: frozenset[str]) -> Iterator[Listener]:
+        """Hear of a run's lifecycle events (types ``run.*``) for the duration of the block."""
+        listener = Listener(self.buffer, event_types)
+        self.waiters.setdefault(run_id, set()).add(listener)
+        try:
+            yield listener
+        finally:
+            group = self.waiters.get(run_id)
+            if group is not None:
+                group.discard(listener)
+                if not group:
+                    del self.waiters[run_id]
 
     def on_local_commit(self, events: list[RecordedEvent]) -> None:
         """Events committed by this process: deliver them now (the bus copy arrives later, de-duplicated)."""
-        if not self.topics:
+        if not self.topics and not self.waiters:
             return
         for ev in events:
             if not ev.stream_id.startswith("run-"):
                 continue
-            topic = self.topics.get(ev.stream_id[4:])
-            if topic is not None:
+            run_id = ev.stream_id[4:]
+            targets = [*(self.topics[run_id].listeners if run_id in self.topics else ()), *self.waiters.get(run_id, ())]
+            if targets:
                 wire = ev.wire()
-                for listener in list(topic.listeners):
+                for listener in targets:
                     listener.push("event", wire)
 
     @contextlib.asynccontextmanager

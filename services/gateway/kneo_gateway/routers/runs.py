@@ -26,7 +26,7 @@ router = APIRouter(tags=["runs"])
 SORT_FIELDS = ("created_at", "updated_at", "status", "run_id")
 MAX_OFFSET = 1_000_000_000
 _STOP_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
-_SETTLE_TYPES = _STOP_TYPES | {"run.paused", "human.requested"}
+_SETTLE_TYPES = _STOP_TYPES | {"run.paused"}  # run.* only: waiters hear the kneo.evt.run.*.run.* subjects
 
 
 def _gw(request: Request) -> Gateway:
@@ -118,7 +118,7 @@ class _RunStart:
             timeout_seconds=body.timeout_seconds,
         )
         cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": self.actor})
-        async with gw.hub.listen(run_id, _SETTLE_TYPES) as listener:
+        with gw.hub.wait_for(run_id, _SETTLE_TYPES) as listener:
             try:
                 result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
             except ConcurrencyConflict:
