@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,23 @@ async def platform(platform_factory: Any) -> Platform:
     """The whole platform in this process."""
     p: Platform = await platform_factory()
     return p
+
+
+def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 90) -> None:
+    """Wait until ``GET /readyz`` answers 200; fail with the process's log if it exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"{url} was not ready within {timeout:g}s:\n{log.read_text()}")
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 KNEO = shutil.which("kneo", path=str(Path(sys.executable).parent)) or "kneo"
@@ -80,19 +80,11 @@ def served(cli_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, subpr
     )
     log.close()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "serve.log").read_text())
-        time.sleep(0.2)
-    else:
+    try:
+        wait_ready(url, proc, tmp_path / "serve.log")
+    except AssertionError:
         proc.kill()
-        raise AssertionError("serve did not become ready")
+        raise
     try:
         yield url, proc, cli_env
     finally:

@@ -10,17 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import ROOT, Servers, free_port
+from tests.conftest import ROOT, Servers, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("KNEO_FUZZ_EXAMPLES", "25"))
@@ -53,16 +51,7 @@ def served_url(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> It
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError(log.read_text())
-            time.sleep(0.2)
+        wait_ready(url, proc, log)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
