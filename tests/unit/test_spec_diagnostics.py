@@ -163,12 +163,12 @@ def test_code_is_triggered(code: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "kind"), [("E_WORKFLOW_KIND_UNSUPPORTED", "graph"), ("E_STEP_KIND_UNSUPPORTED", "human")]
+    ("code", "kind"), [("E_WORKFLOW_KIND_UNSUPPORTED", "concurrent"), ("E_STEP_KIND_UNSUPPORTED", "human")]
 )
 def test_runnable_codes(code: str, kind: str) -> None:
     raw = (
-        graph(["n1"], [])
-        if kind == "graph"
+        {**copy.deepcopy(BASE), "workflow": {"name": "c", "kind": "concurrent", "participants": [{"id": "p1"}]}}
+        if kind == "concurrent"
         else spec(lambda s: s["workflow"]["steps"][0].update(kind="human", prompt="ok?"))
     )
     compile_spec(raw, runnable=False)  # valid, compiles

@@ -81,9 +81,7 @@ def test_compile_is_deterministic_and_content_hashed() -> None:
 @pytest.mark.parametrize(
     ("name", "kind"),
     [
-        ("graph_review_workflow.yaml", "graph"),
         ("concurrent_review_workflow.yaml", "concurrent"),
-        ("group_chat_workflow.yaml", "group_chat"),
     ],
 )
 def test_other_workflow_kinds_compile_but_are_not_runnable_yet(name: str, kind: str) -> None:

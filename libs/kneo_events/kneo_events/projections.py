@@ -42,6 +42,9 @@ def initial_run_state() -> JSON:
         "step_outputs": {},
         "next_step": None,
         "checkpoint_count": 0,
+        "turn": 0,
+        "transcript": [],
+        "edge_counts": {},
         "created_at": None,
         "updated_at": None,
         "version": 0,
@@ -94,18 +97,24 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             "attempt": d.get("attempt", 1),
             "command_id": d["command_id"],
             "not_before": d.get("not_before"),
+            "turn": d.get("turn"),
         }
         s["current_step_index"] = d["step_index"]
         s["current_node_id"] = d["step_id"]
         _set_status(s, "running")
     elif etype == "step.started":
         _set_status(s, "running")
+    elif etype == "graph.edge_taken":
+        key = f"{d['source']}->{d['target']}"
+        s["edge_counts"] = {**s.get("edge_counts", {}), key: int(d["traversal"])}
     elif etype == "step.completed":
         sid = d["step_id"]
+        s["turn"] = int(s.get("turn", 0)) + 1
+        s["transcript"] = [*s.get("transcript", []), {"step_id": sid, "output": d.get("output")}]
         s["step_outputs"] = {**s["step_outputs"], sid: d.get("output")}
         s["visited_steps"] = [*s["visited_steps"], sid]
         s["visited_nodes"] = [*s["visited_nodes"], sid]
-        s["current_step_index"] = int(d["step_index"]) + 1
+        s["current_step_index"] = int(d["step_index"])
         s["next_step"] = None
         out = d.get("output")
         s["output_text"] = out if isinstance(out, str) else s["output_text"]

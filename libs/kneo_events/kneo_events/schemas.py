@@ -172,6 +172,7 @@ class StepScheduled(EventPayload):
     attempt: int = 1
     command_id: str
     not_before: float | None = None  # epoch seconds: a retry waits for its backoff
+    turn: int | None = None  # the step's position in the run (None in runs recorded before turns: = step_index)
 
 
 @register
@@ -220,6 +221,18 @@ class StepRetrying(EventPayload):
     error: str
     attempt: int
     backoff_seconds: float
+
+
+@register
+class GraphEdgeTaken(EventPayload):
+    """A graph workflow routed from one node to the next (which edge, which traversal, on which condition)."""
+
+    type: ClassVar[str] = "graph.edge_taken"
+    source: str
+    target: str
+    traversal: int
+    condition: JSON | None = None
+    turn: int
 
 
 @register
@@ -398,11 +411,12 @@ def execute_step_command(run_id: str, stream_id: str, scheduled: StepScheduled, 
             "step_index": scheduled.step_index,
             "attempt": scheduled.attempt,
             "not_before": scheduled.not_before,
+            "turn": scheduled.turn,
         },
         metadata=metadata,
     )
 
 
-def step_command_id(run_id: str, step_index: int, attempt: int) -> str:
-    """Deterministic command id of one attempt of one step."""
-    return f"{run_id}:step:{step_index}:{attempt}"
+def step_command_id(run_id: str, turn: int, attempt: int) -> str:
+    """Deterministic command id of one attempt of one turn (a step's execution at a position in the run)."""
+    return f"{run_id}:step:{turn}:{attempt}"

@@ -89,9 +89,13 @@ class CompilerService(WorkerService):
                 )
             ]
         else:
-            first = plan["steps"][0]
+            entry = int(plan.get("entry", 0))
             scheduled = StepScheduled(
-                step_index=0, step_id=first["id"], attempt=1, command_id=step_command_id(run_id, 0, 1)
+                step_index=entry,
+                step_id=plan["steps"][entry]["id"],
+                attempt=1,
+                command_id=step_command_id(run_id, 0, 1),
+                turn=0,
             )
             events = [
                 new_event(

@@ -19,8 +19,8 @@ from kneo_compiler.structure import workflow_items
 JSON = dict[str, Any]
 PLAN_VERSION = 2
 DEFAULT_RETRIES = 3
-RUNNABLE_WORKFLOW_KINDS = {"sequential"}
-RUNNABLE_STEP_KINDS = {"agent"}
+RUNNABLE_WORKFLOW_KINDS = {"sequential", "graph", "handoff", "group_chat"}
+RUNNABLE_STEP_KINDS = {"agent", "function"}
 
 
 def plan_hash(plan: JSON) -> str:
@@ -44,8 +44,22 @@ def build_plan(spec: Spec, environment: str | None) -> JSON:
         "functions": {k: f.function for k, f in sorted(spec.components.functions.items())},
         "steps": [_step(i, s, primary, spec.components.functions) for i, s in enumerate(workflow_items(spec.workflow))],
     }
+    plan["entry"] = _entry(plan)
     plan["hash"] = plan_hash(plan)
     return plan
+
+
+def _entry(plan: JSON) -> int:
+    """The index of the step a run starts with: the graph's start node, the handoff's first speaker, else step 0."""
+    wf = plan["workflow"]
+    index = {s["id"]: s["index"] for s in plan["steps"]}
+    if wf.get("kind") == "graph" and wf.get("start") in index:
+        return int(index[wf["start"]])
+    if wf.get("kind") == "handoff":
+        sequence = (wf.get("selector") or {}).get("sequence") or []
+        if sequence and sequence[0] in index and (wf.get("selector") or {}).get("type") != "round_robin":
+            return int(index[sequence[0]])
+    return 0
 
 
 def _agents(spec: Spec) -> JSON:
@@ -140,7 +154,6 @@ def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
                 "use kind: sequential to run it today; `kneo spec compile` shows its plan",
             )
         )
-    primary = (plan.get("agent") or {}).get("id")
     for step in plan.get("steps") or []:
         path = f"workflow.steps[{step.get('index')}]"
         if step.get("kind") not in RUNNABLE_STEP_KINDS:
@@ -149,16 +162,7 @@ def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
                     "E_STEP_KIND_UNSUPPORTED",
                     f"{path}.kind",
                     f"step kind {step.get('kind')!r} is valid, but the runner does not execute it yet",
-                    "use agent steps to run it today",
-                )
-            )
-        elif step.get("agent") not in (None, primary):
-            out.append(
-                diag(
-                    "E_STEP_KIND_UNSUPPORTED",
-                    f"{path}.ref",
-                    f"the runner executes steps of the top-level agent only, not {step.get('agent')!r} yet",
-                    "drop `ref` to use the top-level agent",
+                    "use agent or function steps to run it today",
                 )
             )
     return out

@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
+from pathlib import Path
 
 from nats.aio.msg import Msg
 
@@ -31,6 +33,10 @@ class RunnerService(WorkerService):
 
     def __init__(self, kernel: Kernel) -> None:
         super().__init__(kernel)
+        # Function steps import "module:attr" paths relative to the spec root, like spec_path.
+        root = str(kernel.settings.spec_root or Path.cwd())
+        if root not in sys.path:
+            sys.path.append(root)
         self.runner_name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
         self.handlers["execute_step"] = self.execute_step
 
@@ -99,6 +105,7 @@ class RunnerService(WorkerService):
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
+        turn = cmd.data.get("turn")
         decision = decide(
             run_id,
             plan,
@@ -108,6 +115,7 @@ class RunnerService(WorkerService):
             outcome,
             self.kernel.settings.provider_retry_backoff_seconds,
             time.time(),
+            turn=int(turn) if turn is not None else None,
         )
         meta = {
             "request_id": cmd.metadata.get("request_id"),

@@ -17,6 +17,7 @@ from kneo_events.schemas import (
     StepScheduled,
     step_command_id,
 )
+from kneo_runner.routing import after
 
 JSON = dict[str, Any]
 
@@ -57,25 +58,31 @@ def should_run(state: JSON | None, command_id: str) -> bool:
     return isinstance(nxt, dict) and nxt.get("command_id") == command_id
 
 
-def _schedule(run_id: str, plan: JSON, index: int, attempt: int, not_before: float | None = None) -> StepScheduled:
+def _schedule(
+    run_id: str, plan: JSON, index: int, attempt: int, turn: int, not_before: float | None = None
+) -> StepScheduled:
     step = plan["steps"][index]
     return StepScheduled(
         step_index=index,
         step_id=step["id"],
         attempt=attempt,
-        command_id=step_command_id(run_id, index, attempt),
+        command_id=step_command_id(run_id, turn, attempt),
         not_before=not_before,
+        turn=turn,
     )
 
 
 def _advance(
-    run_id: str, plan: JSON, state: JSON, index: int, last_output: Any
+    run_id: str, plan: JSON, state: JSON, index: int, turn: int, last_output: Any
 ) -> tuple[list[EventPayload], StepScheduled | None]:
-    if index + 1 < len(plan["steps"]):
-        nxt = _schedule(run_id, plan, index + 1, 1)
-        return [nxt], nxt
+    route = after(plan, state, index, turn, last_output)
+    if route.error is not None:
+        return [*route.events, RunFailed(error=route.error, code="workflow_limit")], None
+    if route.next_index is not None:
+        nxt = _schedule(run_id, plan, route.next_index, 1, turn + 1)
+        return [*route.events, nxt], nxt
     text = last_output if isinstance(last_output, str) or last_output is None else str(last_output)
-    return [RunSucceeded(output_text=text)], None
+    return [*route.events, RunSucceeded(output_text=text)], None
 
 
 def decide(
@@ -87,9 +94,11 @@ def decide(
     outcome: Outcome,
     retry_backoff_seconds: float,
     now: float,
+    turn: int | None = None,
 ) -> Decision:
     """Turn one step outcome into the run's next events."""
     step = plan["steps"][step_index]
+    turn = step_index if turn is None else turn
     if isinstance(outcome, StepSucceeded):
         outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
         events: list[EventPayload] = [
@@ -114,12 +123,12 @@ def decide(
                 ),
             ),
         ]
-        more, nxt = _advance(run_id, plan, state, step_index, outcome.output)
+        more, nxt = _advance(run_id, plan, state, step_index, turn, outcome.output)
         return Decision(events + more, nxt)
     max_attempts = 1 + int(step.get("max_retries") or 0)
     if outcome.retryable and attempt < max_attempts:
         backoff = retry_backoff_seconds * (2 ** (attempt - 1))
-        nxt = _schedule(run_id, plan, step_index, attempt + 1, not_before=round(now + backoff, 3))
+        nxt = _schedule(run_id, plan, step_index, attempt + 1, turn, not_before=round(now + backoff, 3))
         return Decision(
             [
                 StepRetrying(
@@ -141,7 +150,7 @@ def decide(
         retryable=outcome.retryable,
     )
     if step.get("on_error") == "continue":
-        more, nxt = _advance(run_id, plan, state, step_index, state.get("output_text"))
+        more, nxt = _advance(run_id, plan, state, step_index, turn, state.get("output_text"))
         return Decision([failed, *more], nxt)
     return Decision(
         [

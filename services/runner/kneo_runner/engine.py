@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import importlib
+import inspect
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
+
+import anyio
+import orjson
 
 from kneo_runner.domain import Outcome, StepErrored, StepSucceeded
 
@@ -93,28 +99,92 @@ async def execute_step(
 ) -> Outcome:
     """Run one step and return its outcome (never raises for a step failure)."""
     step = plan["steps"][step_index]
-    agent = plan["agent"]
-    model = agent["model"]
-    provider = PROVIDERS.get(model.get("provider", "dummy"))
-    if provider is None:
-        return StepErrored(f"unknown provider {model.get('provider')!r}", retryable=False)
-    prompt = render_prompt(step.get("prompt"), state.get("input"), state.get("step_outputs", {}), step["id"])
     timeout = step.get("timeout_seconds") or default_timeout
     started = time.perf_counter()
-    parts: list[str] = []
     try:
         async with asyncio.timeout(timeout):
-            async for piece in provider.stream(
-                instructions=agent.get("instructions"),
-                prompt=prompt,
-                params=model.get("params") or {},
-                seed=f"{plan.get('spec_name')}:{step['id']}",
-                attempt=attempt,
-            ):
-                await sink(piece, len(parts))
-                parts.append(piece)
+            if step.get("kind") == "function":
+                output: Any = await _call_function(plan, step, state)
+                chunks = 0
+            else:
+                output, chunks = await _call_agent(plan, step, state, attempt, sink)
     except TimeoutError:
         return StepErrored(f"step timed out after {timeout}s", retryable=True)
     except ProviderError as exc:
         return StepErrored(str(exc), retryable=exc.retryable)
-    return StepSucceeded("".join(parts), len(parts), (time.perf_counter() - started) * 1000)
+    except StepFunctionError as exc:
+        return StepErrored(str(exc), retryable=True)
+    return StepSucceeded(output, chunks, (time.perf_counter() - started) * 1000)
+
+
+def _step_agent(plan: JSON, step: JSON) -> JSON:
+    agents: JSON = plan.get("agents") or {}
+    agent: JSON = agents.get(step.get("agent") or "") or plan["agent"]
+    return agent
+
+
+def _default_prompt(state: JSON, step_id: str) -> str:
+    """A step without a prompt answers the latest turn (a chat participant), or the run's input."""
+    transcript = state.get("transcript") or []
+    if transcript:
+        last = transcript[-1]
+        return f"{last['step_id']} said: {last['output']}"
+    return str(state.get("input") if state.get("input") is not None else step_id)
+
+
+async def _call_agent(plan: JSON, step: JSON, state: JSON, attempt: int, sink: ChunkSink) -> tuple[str, int]:
+    agent = _step_agent(plan, step)
+    model = agent["model"]
+    provider = PROVIDERS.get(model.get("provider", "dummy"))
+    if provider is None:
+        raise ProviderError(f"provider {model.get('provider')!r} is not available in this runner", retryable=False)
+    outputs = state.get("step_outputs", {})
+    prompt = (
+        render_prompt(step["prompt"], state.get("input"), outputs, step["id"])
+        if step.get("prompt")
+        else _default_prompt(state, step["id"])
+    )
+    parts: list[str] = []
+    async for piece in provider.stream(
+        instructions=agent.get("instructions"),
+        prompt=prompt,
+        params=model.get("params") or {},
+        seed=f"{plan.get('spec_name')}:{step['id']}:{len(state.get('transcript') or [])}",
+        attempt=attempt,
+    ):
+        await sink(piece, len(parts))
+        parts.append(piece)
+    return "".join(parts), len(parts)
+
+
+class StepFunctionError(Exception):
+    """A function step could not be imported or raised."""
+
+
+async def _call_function(plan: JSON, step: JSON, state: JSON) -> Any:
+    """Call the step's function (``module:attr``, or a component by name) with its ``args`` (placeholders
+    rendered); sync functions run in a thread."""
+    target = str(step.get("function") or "")
+    target = str((plan.get("functions") or {}).get(target, target))
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise StepFunctionError(f"cannot import function {target!r}: {exc}") from None
+    outputs = state.get("step_outputs", {})
+    args = {
+        k: render_prompt(v, state.get("input"), outputs, step["id"]) if isinstance(v, str) else v
+        for k, v in (step.get("args") or {}).items()
+    }
+    try:
+        if inspect.iscoroutinefunction(fn):
+            result = await fn(**args)
+        else:
+            result = await anyio.to_thread.run_sync(functools.partial(fn, **args))
+    except Exception as exc:
+        raise StepFunctionError(f"{target} raised {type(exc).__name__}: {exc}") from None
+    try:
+        orjson.dumps(result)
+    except TypeError:
+        result = str(result)  # keep the step's output storable
+    return result
