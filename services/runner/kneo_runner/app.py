@@ -10,6 +10,7 @@ import secrets
 import socket
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from nats.aio.msg import Msg
@@ -20,7 +21,7 @@ from kneo_events.kernel import Kernel, next_command
 from kneo_events.schemas import Command, execute_step_command, new_event
 from kneo_events.service import WorkerService
 from kneo_runner.domain import decide, should_run
-from kneo_runner.engine import execute_step
+from kneo_runner.engine import StepCancelled, execute_step
 
 log = logging.getLogger("kneo.runner")
 SERVICE = "runner"
@@ -39,6 +40,20 @@ class RunnerService(WorkerService):
             sys.path.append(root)
         self.runner_name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
         self.handlers["execute_step"] = self.execute_step
+        # Runs cancelled recently (heard on the bus): a streaming step checks this between chunks.
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+
+    async def start(self) -> None:
+        """Hear of cancellations at once (a run cancelled mid-step stops streaming at the next chunk)."""
+        prefix = self.kernel.bus.subject("kneo.evt.run.")
+
+        async def on_cancel(msg: Msg) -> None:
+            run_id = msg.subject[len(prefix) :].split(".", 1)[0]
+            self.cancelled[run_id] = None
+            while len(self.cancelled) > 10_000:
+                self.cancelled.popitem(last=False)
+
+        await self.kernel.bus.subscribe_core("kneo.evt.run.*.run.cancelled", on_cancel)
 
     async def execute_step(self, cmd: Command, msg: Msg) -> None:
         """Run one scheduled step and record its outcome (return = ack, raise = retry with backoff)."""
@@ -69,6 +84,8 @@ class RunnerService(WorkerService):
         step_id = plan["steps"][step_index]["id"]
 
         async def sink(text: str, seq: int) -> None:
+            if run_id in self.cancelled:
+                raise StepCancelled(run_id)
             await self.kernel.bus.publish_output(
                 run_id,
                 {
@@ -101,6 +118,9 @@ class RunnerService(WorkerService):
             outcome = await execute_step(
                 plan, state, step_index, attempt, sink, self.kernel.settings.provider_timeout_seconds
             )
+        except StepCancelled:
+            self.log.info("run %s was cancelled during step %s; stopped", run_id, step_index)
+            return
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

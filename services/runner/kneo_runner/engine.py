@@ -26,6 +26,10 @@ _WORDS = (
 ).split()
 
 
+class StepCancelled(Exception):
+    """The run was cancelled while this step was running: stop, record nothing (the run is terminal already)."""
+
+
 class ProviderError(Exception):
     """A provider call failed; ``retryable`` says whether trying again could help."""
 

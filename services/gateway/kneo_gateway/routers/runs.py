@@ -6,14 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from kneo_events.errors import ConcurrencyConflict, InvalidRequest, NotFound, PayloadTooLarge
+from kneo_events.errors import ConcurrencyConflict, InvalidRequest, InvalidState, NotFound, PayloadTooLarge
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
 from kneo_events.redaction import redact, redact_text
-from kneo_events.schemas import RunCreated, compile_run_command, dumps, new_event
+from kneo_events.schemas import RunCancelled, RunCreated, compile_run_command, dumps, new_event
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
 from kneo_gateway.responses import JSONBody
@@ -227,6 +228,49 @@ async def get_run(run_id: str, request: Request) -> JSONBody:
     gw = _gw(request)
     request.state.run_id = run_id
     return JSONBody(run_view(await _state_or_404(gw, run_id)))
+
+
+class CancelRequest(BaseModel):
+    """``POST /v1/runs/{run_id}/cancel`` (the body is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+@router.post("/runs/{run_id}/cancel")
+async def cancel_run(
+    run_id: str,
+    request: Request,
+    principal: Annotated[Principal, Depends(require("runs:write"))],
+    body: Annotated[CancelRequest | None, Body()] = None,
+) -> JSONBody:
+    """Cancel a queued or running run (a step in flight stops at its next chunk and records nothing).
+
+    The cancellation is an event appended at the run's current version, so a late completion can never overwrite
+    it. A finished run answers 409 ``invalid_state`` and nothing changes.
+    """
+    gw = _gw(request)
+    request.state.run_id = run_id
+    meta = {"request_id": request.state.request_id, "correlation_id": run_id, "actor": principal.name}
+    for _ in range(10):
+        state = await _state_or_404(gw, run_id)
+        if state["status"] in TERMINAL_STATUSES:
+            raise InvalidState(
+                f"run {run_id} is already {state['status']}; only queued, running or paused runs can be cancelled",
+                run_id=run_id,
+                status=state["status"],
+            )
+        event = RunCancelled(reason=(body.reason if body else None) or f"cancelled by {principal.name}")
+        try:
+            await gw.kernel.commit(
+                run_stream(run_id), [new_event(event, meta)], int(state["version"]), prior_state=state
+            )
+        except ConcurrencyConflict:
+            continue  # the run moved on (a step finished): look again
+        cancelled = await gw.kernel.store.get_run(run_id)
+        assert cancelled is not None
+        return JSONBody(run_body(cancelled))
+    raise ConcurrencyConflict(f"run {run_id} kept changing; try the cancel again", run_id=run_id)
 
 
 @router.get("/runs/{run_id}/events", dependencies=[Depends(require("runs:read"))])
