@@ -64,8 +64,10 @@ async def test_cancel_of_a_finished_run_is_refused_and_changes_nothing(platform:
 async def test_cancels_racing_completions_never_lose_to_them(platform: Any) -> None:
     rng = random.Random(7)
     async with httpx.AsyncClient(base_url=platform.url, timeout=30) as http:
-        runs = [(await http.post("/v1/runs", json={"input": str(i), "spec": QUICK, "async_mode": True})).json()
-                for i in range(12)]
+        runs = [
+            (await http.post("/v1/runs", json={"input": str(i), "spec": QUICK, "async_mode": True})).json()
+            for i in range(12)
+        ]
 
         async def cancel_later(run_id: str) -> int:
             await asyncio.sleep(rng.uniform(0, 0.08))

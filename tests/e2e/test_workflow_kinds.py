@@ -119,3 +119,46 @@ async def test_function_steps_call_python_and_failures_follow_on_error(platform:
     assert completed["short"] == "the auth"
     assert failed and failed[0]["step_id"] == "broken" and "cannot import" in failed[0]["error"]
     assert completed["say"].startswith("On Say the auth")
+
+
+async def test_concurrent_example_fans_out_and_aggregates(platform: Any) -> None:
+    run, events = await _run(platform, spec_path="examples/concurrent_review_workflow.yaml")
+    assert run["status"] == "succeeded" and run["workflow_kind"] == "concurrent"
+    scheduled = [e for e in events if e["type"] == "step.scheduled"]
+    assert [e["data"]["step_id"] for e in scheduled] == ["security", "accessibility", "performance"]
+    assert len({e["version"] for e in scheduled}) == 3 and scheduled[0]["version"] == 3  # all at compile time
+    assert sorted(run["visited_steps"]) == ["accessibility", "performance", "security"]
+    # examples.app_functions:merge_reviews: one section per reviewer, in declaration order
+    assert (
+        run["output_text"].index("## security")
+        < run["output_text"].index("## accessibility")
+        < run["output_text"].index("## performance")
+    )
+
+
+FANOUT = """
+version: v1
+agent: {name: a, model: {provider: dummy, params: {chunks: 2}}}
+components:
+  agents:
+    flaky: {name: flaky, model: {provider: dummy, params: {fail_attempts: 9}}}
+workflow:
+  name: fan
+  kind: concurrent
+  participants:
+    - {id: one, kind: agent, prompt: "one {input}"}
+    - {id: two, kind: agent, ref: flaky, prompt: "two {input}", on_error: %s}
+    - {id: three, kind: agent, prompt: "three {input}"}
+  aggregation: {kind: json}
+"""
+
+
+async def test_a_failed_branch_follows_its_on_error(platform: Any) -> None:
+    cont, events = await _run(platform, spec=FANOUT % "continue")
+    assert cont["status"] == "succeeded"
+    import json
+
+    assert sorted(json.loads(cont["output_text"])) == ["one", "three"]
+    assert [e["data"]["step_id"] for e in events if e["type"] == "step.failed"] == ["two"]
+    fail, _ = await _run(platform, spec=FANOUT % "fail")
+    assert fail["status"] == "failed" and "branch two failed" in fail["error"]

@@ -162,9 +162,7 @@ def test_code_is_triggered(code: str) -> None:
     assert found[0].message
 
 
-@pytest.mark.parametrize(
-    ("code", "kind"), [("E_WORKFLOW_KIND_UNSUPPORTED", "concurrent"), ("E_STEP_KIND_UNSUPPORTED", "human")]
-)
+@pytest.mark.parametrize(("code", "kind"), [("E_STEP_KIND_UNSUPPORTED", "human")])
 def test_runnable_codes(code: str, kind: str) -> None:
     raw = (
         {**copy.deepcopy(BASE), "workflow": {"name": "c", "kind": "concurrent", "participants": [{"id": "p1"}]}}
@@ -197,7 +195,6 @@ def test_bundle_codes() -> None:
 
 def test_every_code_has_a_case() -> None:
     covered = set(CASES) | {
-        "E_WORKFLOW_KIND_UNSUPPORTED",
         "E_STEP_KIND_UNSUPPORTED",
         "E_PROJECT_CONFIG",
         "E_BUNDLE_MALFORMED",

@@ -9,7 +9,6 @@ import pytest
 from kneo_compiler.bundles import sign_bundle, verify_bundle
 from kneo_compiler.project import discover_project, find_project_config, parse_project_config, select_environment
 from kneo_compiler.spec import (
-    SpecProblem,
     check,
     compile_spec,
     dump_yaml,
@@ -78,18 +77,9 @@ def test_compile_is_deterministic_and_content_hashed() -> None:
     assert compile_spec(read("research_agent.yaml"), "dev")["hash"] != a["hash"]
 
 
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [
-        ("concurrent_review_workflow.yaml", "concurrent"),
-    ],
-)
-def test_other_workflow_kinds_compile_but_are_not_runnable_yet(name: str, kind: str) -> None:
-    plan = compile_spec(read(name), runnable=False)
-    assert plan["workflow"]["kind"] == kind
-    assert next(d.code for d in runnable_diagnostics(plan)) == "E_WORKFLOW_KIND_UNSUPPORTED"
-    with pytest.raises(SpecProblem):
-        compile_spec(read(name))
+def test_every_workflow_kind_is_runnable() -> None:
+    for name in ("graph_review_workflow.yaml", "concurrent_review_workflow.yaml", "group_chat_workflow.yaml"):
+        assert runnable_diagnostics(compile_spec(read(name), runnable=False)) == []
 
 
 def test_human_step_plan_carries_its_timeout_and_escalation() -> None:

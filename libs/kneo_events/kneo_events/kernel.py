@@ -208,13 +208,13 @@ class Kernel:
                 return resent
             try:
                 for state in await self.store.stalled_runs(after):
-                    cmd = next_command(state)
-                    if cmd is None:
-                        continue
+                    commands = next_commands(state)
                     stamp = int(asyncio.get_running_loop().time() * 1000)
-                    await self.bus.publish_command(cmd, msg_id=f"{cmd.command_id}:reconcile:{stamp}")
-                    await self.store.extend_lease(str(state["run_id"]), after)  # one resend per deadline
-                    resent.append(cmd.command_id)
+                    for cmd in commands:
+                        await self.bus.publish_command(cmd, msg_id=f"{cmd.command_id}:reconcile:{stamp}")
+                        resent.append(cmd.command_id)
+                    if commands:
+                        await self.store.extend_lease(str(state["run_id"]), after)  # one resend per deadline
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _RECONCILER_LOCK)
         if resent:
@@ -230,17 +230,27 @@ class Kernel:
                 log.warning("reconcile pass failed: %r", exc)
 
 
-def next_command(state: dict[str, Any]) -> Command | None:
-    """The command that moves a non-terminal run on, derived from its state alone."""
+def next_commands(state: dict[str, Any]) -> list[Command]:
+    """The commands that move a non-terminal run on, derived from its state alone (one per pending step)."""
     run_id = str(state["run_id"])
     stream_id = f"run-{run_id}"
     meta: dict[str, Any] = {}
-    nxt = state.get("next_step")
-    if isinstance(nxt, dict):
-        return execute_step_command(run_id, stream_id, StepScheduled.model_validate(nxt), meta)
+    pending = state.get("pending") or {}
+    if not pending and isinstance(state.get("next_step"), dict):
+        pending = {"_": state["next_step"]}
+    if pending:
+        return [
+            execute_step_command(run_id, stream_id, StepScheduled.model_validate(p), meta) for p in pending.values()
+        ]
     if state.get("status") == "queued" and not state.get("workflow_kind"):
-        return compile_run_command(run_id, stream_id, meta)
-    return None
+        return [compile_run_command(run_id, stream_id, meta)]
+    return []
+
+
+def next_command(state: dict[str, Any]) -> Command | None:
+    """The first of :func:`next_commands` (for single-cursor runs, the one command)."""
+    commands = next_commands(state)
+    return commands[0] if commands else None
 
 
 def wire_events(events: Sequence[RecordedEvent]) -> list[dict[str, object]]:

@@ -41,6 +41,7 @@ def initial_run_state() -> JSON:
         "step_count": 0,
         "step_outputs": {},
         "next_step": None,
+        "pending": {},
         "checkpoint_count": 0,
         "turn": 0,
         "transcript": [],
@@ -60,6 +61,14 @@ def fold_run(state: JSON | None, events: Iterable[RecordedEvent]) -> JSON:
         s["trace_event_count"] = int(s["trace_event_count"]) + 1
         s["updated_at"] = ev.recorded_at.isoformat()
     return s
+
+
+def _without_step(s: JSON, step_index: int) -> JSON:
+    return {k: v for k, v in (s.get("pending") or {}).items() if v["step_index"] != step_index}
+
+
+def _latest(pending: JSON) -> JSON | None:
+    return list(pending.values())[-1] if pending else None
 
 
 def _set_status(s: JSON, status: str) -> None:
@@ -91,7 +100,7 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             "workflow_kind": d.get("workflow_kind"),
         }
     elif etype == "step.scheduled":
-        s["next_step"] = {
+        scheduled = {
             "step_index": d["step_index"],
             "step_id": d["step_id"],
             "attempt": d.get("attempt", 1),
@@ -99,6 +108,10 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             "not_before": d.get("not_before"),
             "turn": d.get("turn"),
         }
+        s["next_step"] = scheduled
+        # every step scheduled and not finished yet (several at once for concurrent branches)
+        pending = {k: v for k, v in (s.get("pending") or {}).items() if v["step_index"] != d["step_index"]}
+        s["pending"] = {**pending, d["command_id"]: scheduled}
         s["current_step_index"] = d["step_index"]
         s["current_node_id"] = d["step_id"]
         _set_status(s, "running")
@@ -115,14 +128,17 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         s["visited_steps"] = [*s["visited_steps"], sid]
         s["visited_nodes"] = [*s["visited_nodes"], sid]
         s["current_step_index"] = int(d["step_index"])
-        s["next_step"] = None
+        s["pending"] = _without_step(s, int(d["step_index"]))
+        s["next_step"] = _latest(s["pending"])
         out = d.get("output")
         s["output_text"] = out if isinstance(out, str) else s["output_text"]
     elif etype == "step.retrying":
         s["error"] = d.get("error")
     elif etype == "step.failed":
         s["error"] = d.get("error")
-        s["next_step"] = None
+        s["failed_steps"] = [*s.get("failed_steps", []), d["step_id"]]
+        s["pending"] = _without_step(s, int(d["step_index"]))
+        s["next_step"] = _latest(s["pending"])
     elif etype == "checkpoint.saved":
         s["checkpoint_count"] = int(s["checkpoint_count"]) + 1
     elif etype == "run.succeeded":
@@ -130,6 +146,7 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             s["output_text"] = d.get("output_text", s["output_text"])
         _set_status(s, "succeeded")
         s["next_step"] = None
+        s["pending"] = {}
     elif etype == "run.failed":
         if s["status"] not in TERMINAL_STATUSES:
             s["error"] = d.get("error")
@@ -137,9 +154,11 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
                 s["metadata"] = {**s["metadata"], "diagnostics": d["diagnostics"]}
         _set_status(s, "failed")
         s["next_step"] = None
+        s["pending"] = {}
     elif etype == "run.cancelled":
         _set_status(s, "cancelled")
         s["next_step"] = None
+        s["pending"] = {}
 
 
 def _spec_workflow_name(spec: JSON) -> str | None:

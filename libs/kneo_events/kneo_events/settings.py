@@ -84,6 +84,23 @@ class Settings(BaseSettings):
     health_mcp_secrets: str = Field(default="", validation_alias=AliasChoices("KNEO_SERV_HEALTH_MCP_SECRETS"))
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("KNEO_SERV_LOG_LEVEL"))
 
+    # --- checkpoint views (the seed's checkpoint payload limits)
+    checkpoint_compress_bytes: int = Field(
+        default=65_536, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_COMPRESS_BYTES")
+    )
+    checkpoint_max_bytes: int = Field(
+        default=1_048_576, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_MAX_BYTES")
+    )
+    checkpoint_preview_chars: int = Field(
+        default=1200, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_PREVIEW_CHARS")
+    )
+    checkpoint_max_list_items: int = Field(
+        default=20, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_MAX_LIST_ITEMS")
+    )
+    checkpoint_max_dict_items: int = Field(
+        default=50, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_MAX_DICT_ITEMS")
+    )
+
     # --- runner
     runner_name: str | None = Field(default=None, validation_alias=AliasChoices("KNEO_RUNNER_NAME"))
     provider_retries: int = Field(default=0, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_RETRIES"))

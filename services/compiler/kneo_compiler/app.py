@@ -89,14 +89,22 @@ class CompilerService(WorkerService):
                 )
             ]
         else:
-            entry = int(plan.get("entry", 0))
-            scheduled = StepScheduled(
-                step_index=entry,
-                step_id=plan["steps"][entry]["id"],
-                attempt=1,
-                command_id=step_command_id(run_id, 0, 1),
-                turn=0,
+            # A concurrent workflow fans out: every branch is scheduled now, as its own command.
+            starts = (
+                list(range(len(plan["steps"])))
+                if plan["workflow"]["kind"] == "concurrent"
+                else [int(plan.get("entry", 0))]
             )
+            scheduled_steps = [
+                StepScheduled(
+                    step_index=index,
+                    step_id=plan["steps"][index]["id"],
+                    attempt=1,
+                    command_id=step_command_id(run_id, turn, 1),
+                    turn=turn,
+                )
+                for turn, index in enumerate(starts)
+            ]
             events = [
                 new_event(
                     RunCompiled(
@@ -109,9 +117,9 @@ class CompilerService(WorkerService):
                     ),
                     meta,
                 ),
-                new_event(scheduled, meta),
+                *(new_event(s, meta) for s in scheduled_steps),
             ]
-            commands.append(execute_step_command(run_id, stream_id, scheduled, cmd.metadata))
+            commands.extend(execute_step_command(run_id, stream_id, s, cmd.metadata) for s in scheduled_steps)
         try:
             await self.kernel.commit(stream_id, events, state["version"], cmd.command_id, commands, prior_state=state)
         except ConcurrencyConflict:

@@ -19,7 +19,6 @@ from kneo_compiler.structure import workflow_items
 JSON = dict[str, Any]
 PLAN_VERSION = 2
 DEFAULT_RETRIES = 3
-RUNNABLE_WORKFLOW_KINDS = {"sequential", "graph", "handoff", "group_chat"}
 RUNNABLE_STEP_KINDS = {"agent", "function"}
 
 
@@ -142,18 +141,8 @@ def _step(index: int, step: Step, primary: str, functions: dict[str, Any]) -> JS
 
 
 def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
-    """What the runner of this build cannot execute yet: non-sequential workflows, non-agent steps, other agents."""
+    """What the runner of this build cannot execute yet: human steps (they arrive with the human-tasks service)."""
     out: list[Diagnostic] = []
-    kind = (plan.get("workflow") or {}).get("kind")
-    if kind not in RUNNABLE_WORKFLOW_KINDS:
-        out.append(
-            diag(
-                "E_WORKFLOW_KIND_UNSUPPORTED",
-                "workflow.kind",
-                f"workflow kind {kind!r} is valid, but the runner does not execute it yet",
-                "use kind: sequential to run it today; `kneo spec compile` shows its plan",
-            )
-        )
     for step in plan.get("steps") or []:
         path = f"workflow.steps[{step.get('index')}]"
         if step.get("kind") not in RUNNABLE_STEP_KINDS:
@@ -166,12 +155,3 @@ def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
                 )
             )
     return out
-
-
-def kind_diagnostics(resolved: JSON) -> list[Diagnostic]:
-    """``E_WORKFLOW_KIND_UNSUPPORTED`` read from a resolved spec that may not validate (so the reason is not lost)."""
-    workflow = resolved.get("workflow")
-    kind = workflow.get("kind", "sequential") if isinstance(workflow, dict) else "sequential"
-    if not isinstance(kind, str) or canonical_kind(kind) in RUNNABLE_WORKFLOW_KINDS:
-        return []
-    return runnable_diagnostics({"workflow": {"kind": canonical_kind(kind)}, "steps": []})

@@ -61,7 +61,6 @@ CODES: dict[str, tuple[Severity, str]] = {
     "E_POLICY_HUMAN_REVIEW": ("error", "the environment policy requires human review of privileged surfaces"),
     "E_POLICY_GUARDRAILS": ("error", "the environment policy requires input and output guardrails"),
     # what the runner can execute today
-    "E_WORKFLOW_KIND_UNSUPPORTED": ("error", "the runner does not execute this workflow kind yet"),
     "E_STEP_KIND_UNSUPPORTED": ("error", "the runner does not execute this step kind yet"),
     # project config and bundles
     "E_PROJECT_CONFIG": ("error", "the project config is invalid"),

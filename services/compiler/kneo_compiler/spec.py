@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kneo_compiler.compile import DEFAULT_RETRIES, build_plan, kind_diagnostics, plan_hash, runnable_diagnostics
+from kneo_compiler.compile import DEFAULT_RETRIES, build_plan, plan_hash, runnable_diagnostics
 from kneo_compiler.diagnostics import CODES, Diagnostic, SpecProblem, errors_of, lint_view
 from kneo_compiler.explain import explain
 from kneo_compiler.loader import MAX_SPEC_BYTES, SourceMap, load, parse_yaml
@@ -111,14 +111,12 @@ def compile_spec(
     """Compile a spec into a deterministic executable plan, or raise :class:`SpecProblem` with the errors.
 
     With ``runnable`` (the default, what the compiler service needs) a plan the runner of this build cannot execute
-    is an error too (``E_WORKFLOW_KIND_UNSUPPORTED`` / ``E_STEP_KIND_UNSUPPORTED``); ``runnable=False`` compiles
+    is an error too (``E_STEP_KIND_UNSUPPORTED``: human steps, for now); ``runnable=False`` compiles
     every valid workflow kind (``kneo spec compile``).
     """
     result = check(raw, environment, project=project, policy=policy)
     errors = errors_of(result.diagnostics)
     if result.spec is None or errors:
-        if runnable:
-            errors = kind_diagnostics(result.resolved) + errors
         raise SpecProblem(errors or result.diagnostics)
     plan = build_plan(result.spec, environment)
     if runnable:

@@ -17,9 +17,10 @@ from kneo_gateway.middleware import BodyLimit, RequestContext
 from kneo_gateway.ratelimit import RateLimiter
 from kneo_gateway.responses import COMMON_ERRORS, JSONBody
 from kneo_gateway.routers import governance, health, runs, specs
+from kneo_gateway.routers import inspect as run_inspection
 from kneo_gateway.state import Gateway
 
-VERSIONED = (runs.router, specs.router, governance.router)
+VERSIONED = (runs.router, specs.router, governance.router, run_inspection.router)
 
 
 def create_app(kernel: Kernel) -> FastAPI:

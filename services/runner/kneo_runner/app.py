@@ -20,8 +20,8 @@ from kneo_events.ids import run_stream
 from kneo_events.kernel import Kernel, next_command
 from kneo_events.schemas import Command, execute_step_command, new_event
 from kneo_events.service import WorkerService
-from kneo_runner.domain import decide, should_run
-from kneo_runner.engine import StepCancelled, execute_step
+from kneo_runner.domain import decide, is_last_branch, should_run
+from kneo_runner.engine import StepCancelled, aggregate_outputs, execute_step
 
 log = logging.getLogger("kneo.runner")
 SERVICE = "runner"
@@ -126,17 +126,6 @@ class RunnerService(WorkerService):
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
         turn = cmd.data.get("turn")
-        decision = decide(
-            run_id,
-            plan,
-            state,
-            step_index,
-            attempt,
-            outcome,
-            self.kernel.settings.provider_retry_backoff_seconds,
-            time.time(),
-            turn=int(turn) if turn is not None else None,
-        )
         meta = {
             "request_id": cmd.metadata.get("request_id"),
             "causation_id": cmd.command_id,
@@ -144,16 +133,42 @@ class RunnerService(WorkerService):
             "actor": "system",
             "runner": self.runner_name,
         }
-        events = [new_event(p, meta) for p in decision.events]
         stream_id = run_stream(run_id)
-        nxt = execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata) if decision.next_step else None
-        try:
-            await self.kernel.commit(
-                stream_id, events, after_version, cmd.command_id, [nxt] if nxt else [], prior_state=state
+        # Decide and append; when the run moved meanwhile (a sibling branch finished), decide again on the fresh
+        # state with the same outcome: the step is never executed twice for a race it did not lose.
+        for _ in range(20):
+            aggregate = None
+            if is_last_branch(plan, state, step_index):
+                aggregate = await aggregate_outputs(plan, state, step_index, outcome)
+            decision = decide(
+                run_id,
+                plan,
+                state,
+                step_index,
+                attempt,
+                outcome,
+                self.kernel.settings.provider_retry_backoff_seconds,
+                time.time(),
+                turn=int(turn) if turn is not None else None,
+                aggregate=aggregate,
             )
-        except ConcurrencyConflict:
-            fresh = await store.get_run(run_id)
-            if fresh is None or fresh["status"] not in ("queued", "running") or not should_run(fresh, cmd.command_id):
-                log.info("run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index)
+            events = [new_event(p, meta) for p in decision.events]
+            nxt = (
+                execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata)
+                if decision.next_step
+                else None
+            )
+            try:
+                await self.kernel.commit(
+                    stream_id, events, int(state["version"]), cmd.command_id, [nxt] if nxt else [], prior_state=state
+                )
                 return
-            raise
+            except ConcurrencyConflict:
+                fresh = await store.get_run(run_id)
+                if fresh is None or not should_run(fresh, cmd.command_id):
+                    self.log.info(
+                        "run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index
+                    )
+                    return
+                state = fresh
+        raise ConcurrencyConflict(f"run {run_id} kept changing while step {step_index} was recorded")

@@ -54,8 +54,18 @@ def should_run(state: JSON | None, command_id: str) -> bool:
     """A step command runs only if it is the run's scheduled step and the run is still going."""
     if state is None or state["status"] not in ("queued", "running"):
         return False
+    if command_id in (state.get("pending") or {}):
+        return True
     nxt = state.get("next_step")
     return isinstance(nxt, dict) and nxt.get("command_id") == command_id
+
+
+def is_last_branch(plan: JSON, state: JSON, step_index: int) -> bool:
+    """A concurrent run's branch that is the only one still pending (its outcome ends the fan-out)."""
+    if plan["workflow"].get("kind") != "concurrent":
+        return False
+    others = [v for v in (state.get("pending") or {}).values() if v["step_index"] != step_index]
+    return not others
 
 
 def _schedule(
@@ -95,10 +105,17 @@ def decide(
     retry_backoff_seconds: float,
     now: float,
     turn: int | None = None,
+    aggregate: Any = None,
 ) -> Decision:
-    """Turn one step outcome into the run's next events."""
+    """Turn one step outcome into the run's next events.
+
+    ``aggregate``: for the last branch of a concurrent run, the combined output of every branch (the runner
+    computes it, since an aggregation function is I/O).
+    """
     step = plan["steps"][step_index]
     turn = step_index if turn is None else turn
+    if plan["workflow"].get("kind") == "concurrent":
+        return _decide_branch(run_id, plan, state, step_index, attempt, outcome, retry_backoff_seconds, now, aggregate)
     if isinstance(outcome, StepSucceeded):
         outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
         events: list[EventPayload] = [
@@ -159,3 +176,61 @@ def decide(
         ],
         None,
     )
+
+
+def _completed(step: JSON, step_index: int, attempt: int, outcome: StepSucceeded, state: JSON) -> list[EventPayload]:
+    outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
+    return [
+        StepCompleted(
+            step_index=step_index,
+            step_id=step["id"],
+            output=outcome.output,
+            attempt=attempt,
+            chunks=outcome.chunks,
+            duration_ms=round(outcome.duration_ms, 3),
+        ),
+        CheckpointSaved(
+            sequence=int(state.get("checkpoint_count", 0)) + 1,
+            step_index=step_index,
+            step_id=step["id"],
+            state=redact({"step_outputs": outputs, "visited_steps": [*state.get("visited_steps", []), step["id"]]}),
+        ),
+    ]
+
+
+def _decide_branch(
+    run_id: str,
+    plan: JSON,
+    state: JSON,
+    step_index: int,
+    attempt: int,
+    outcome: Outcome,
+    retry_backoff_seconds: float,
+    now: float,
+    aggregate: Any,
+) -> Decision:
+    """One branch of a concurrent fan-out finished; the last one to finish ends the run with the aggregate."""
+    step = plan["steps"][step_index]
+    last = is_last_branch(plan, state, step_index)
+    if isinstance(outcome, StepSucceeded):
+        events = _completed(step, step_index, attempt, outcome, state)
+    else:
+        max_attempts = 1 + int(step.get("max_retries") or 0)
+        if outcome.retryable and attempt < max_attempts:
+            backoff = retry_backoff_seconds * (2 ** (attempt - 1))
+            nxt = _schedule(run_id, plan, step_index, attempt + 1, step_index, not_before=round(now + backoff, 3))
+            retrying = StepRetrying(
+                step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt, backoff_seconds=backoff
+            )
+            return Decision([retrying, nxt], nxt)
+        failed = StepFailed(
+            step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt, retryable=outcome.retryable
+        )
+        if step.get("on_error") != "continue":
+            error = f"branch {step['id']} failed: {outcome.error}"
+            return Decision([failed, RunFailed(error=error, code="step_failed", step_id=step["id"])], None)
+        events = [failed]
+    if not last:
+        return Decision(events, None)
+    text = aggregate if isinstance(aggregate, str) or aggregate is None else str(aggregate)
+    return Decision([*events, RunSucceeded(output_text=text)], None)

@@ -192,3 +192,31 @@ async def _call_function(plan: JSON, step: JSON, state: JSON) -> Any:
     except TypeError:
         result = str(result)  # keep the step's output storable
     return result
+
+
+async def aggregate_outputs(plan: JSON, state: JSON, step_index: int, outcome: Outcome) -> Any:
+    """Combine a concurrent run's branch outputs (this last branch included), per the plan's ``aggregation``.
+
+    ``concat`` (default): ``## <branch>`` sections joined by the separator; ``json``: an object of branch → output;
+    ``function``: ``module:attr`` called with that object. Failed branches (``on_error: continue``) are left out.
+    """
+    outputs: JSON = {}
+    done = {**(state.get("step_outputs") or {})}
+    if isinstance(outcome, StepSucceeded):
+        done[plan["steps"][step_index]["id"]] = outcome.output
+    for step in plan["steps"]:  # declaration order, whatever order the branches finished in
+        if step["id"] in done:
+            outputs[step["id"]] = done[step["id"]]
+    agg = plan["workflow"].get("aggregation") or {}
+    kind = agg.get("kind", "concat")
+    if kind == "json":
+        return orjson.dumps(outputs).decode()
+    if kind == "function" and agg.get("function"):
+        module_name, _, attr = str(agg["function"]).partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+            return await anyio.to_thread.run_sync(fn, outputs)
+        except Exception as exc:  # the run still ends, with the error visible in its output
+            return f"aggregation {agg['function']} failed: {type(exc).__name__}: {exc}"
+    separator = agg.get("separator", "\n\n")
+    return separator.join(f"## {name}\n{text}" for name, text in outputs.items())

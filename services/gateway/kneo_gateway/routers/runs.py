@@ -328,16 +328,16 @@ async def stream_run(
 
 
 class _Cursor:
-    """Where one SSE client is: the last event version sent and, within it, the output chunk and execution."""
+    """Where one SSE client is: the last event version sent and, per step in flight, its execution and last chunk."""
 
     def __init__(self, version: int, chunk: int) -> None:
         self.version = version
-        self.chunk = chunk
-        self.execution: str | None = None
+        self.chunk = chunk  # a resumed client's last chunk (applies to the first execution seen at that version)
+        self.steps: dict[str, tuple[str | None, int]] = {}
         self.done = False
 
     def event(self, wire: dict[str, Any]) -> ServerSentEvent:
-        self.version, self.chunk, self.execution = int(wire["version"]), -1, None
+        self.version, self.chunk, self.steps = int(wire["version"]), -1, {}
         self.done = wire["type"] in _STOP_TYPES
         return _event_sse(wire)
 
@@ -388,25 +388,29 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
                 yield cur.event(item)
                 continue
             after, seq, execution = int(item["after_version"]), int(item["seq"]), item.get("execution")
+            step_id = str(item.get("step_id"))
             if after > cur.version:
                 # The chunk outran the event it follows (another process published it): that event is committed.
                 for sse in await from_log(after):
                     yield sse
             if after != cur.version or cur.done:
                 continue
-            if execution != cur.execution:
-                # A new execution of the same step: the step was redelivered (runner crash) and streams again.
-                restarted = cur.execution is not None or int(item.get("delivery", 1)) > 1
-                cur.execution = execution
-                if restarted:
-                    cur.chunk = -1
-                    yield ServerSentEvent(
-                        event="step.restarted",
-                        data=dumps({"step_id": item["step_id"], "delivery": item.get("delivery")}).decode(),
-                    )
-            if seq <= cur.chunk:
+            known = cur.steps.get(step_id)
+            restarted = (known is not None and known[0] != execution) or (
+                known is None and int(item.get("delivery", 1)) > 1
+            )
+            if restarted:
+                # A new execution of the step: it was redelivered (runner crash) and streams again from chunk 0.
+                cur.steps[step_id] = (execution, -1)
+                yield ServerSentEvent(
+                    event="step.restarted",
+                    data=dumps({"step_id": item["step_id"], "delivery": item.get("delivery")}).decode(),
+                )
+            elif known is None:
+                cur.steps[step_id] = (execution, cur.chunk)
+            if seq <= cur.steps[step_id][1]:
                 continue
-            cur.chunk = seq
+            cur.steps[step_id] = (execution, seq)
             yield ServerSentEvent(
                 data=dumps({**item, "text": redact_text(str(item.get("text", "")))}).decode(),
                 event="output",
