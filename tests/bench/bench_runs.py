@@ -49,7 +49,10 @@ from nats.aio.msg import Msg
 from kneo_events.ids import run_stream
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_FILE = Path(__file__).with_name("three_step.yaml")
+WORKFLOWS = {
+    "three_step": Path(__file__).with_name("three_step.yaml"),
+    "fanout8": Path(__file__).with_name("fanout8.yaml"),
+}
 RESULTS_DIR = ROOT / "bench" / "results"
 VARIANTS = ("one_process", "two_runners")
 
@@ -999,6 +1002,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: N=200, 50 sequential, 50 SSE")
     parser.add_argument("--keep-data", action="store_true", help="keep each variant's temp dir (logs, data)")
     parser.add_argument(
+        "--workflow",
+        choices=sorted(WORKFLOWS),
+        default="three_step",
+        help="three_step (the peers' workflow) or fanout8 (a concurrent fan-out of 8 branches)",
+    )
+    parser.add_argument(
         "--client",
         choices=("raw", "httpx"),
         default="raw",
@@ -1020,7 +1029,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    spec = SPEC_FILE.read_text()
+    spec_file = WORKFLOWS[args.workflow]
+    spec = spec_file.read_text()
     started = datetime.now(UTC)
     code = git_state()  # before the runs: the code the platform processes import when they start
     results: dict[str, Any] = {}
@@ -1040,23 +1050,26 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": WARMUP_RUNS,
             "quick": args.quick,
             "env": env_overrides(),
-            "spec": str(SPEC_FILE.relative_to(ROOT)),
+            "spec": str(spec_file.relative_to(ROOT)),
+            "workflow": args.workflow,
             "variants": args.variants,
         },
         "results": results,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2) + "\n"
-    path = RESULTS_DIR / f"runs-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    tag = "" if args.workflow == "three_step" else f"{args.workflow}-"
+    path = RESULTS_DIR / f"runs-{tag}{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(text)
-    (RESULTS_DIR / "latest-runs.json").write_text(text)
+    latest = RESULTS_DIR / f"latest-{tag}runs.json"
+    latest.write_text(text)
     m = record["machine"]
     print(
         f"\nKneo run benchmark, {record['ts']}, {m['cpus']} CPUs, Python {m['python']}; N={args.runs} "
         f"C={args.concurrency}, {args.sequential} sequential, {args.sse} SSE\n"
     )
     print(table(results))
-    print(f"\nwritten: {path.relative_to(ROOT)} and {(RESULTS_DIR / 'latest-runs.json').relative_to(ROOT)}")
+    print(f"\nwritten: {path.relative_to(ROOT)} and {latest.relative_to(ROOT)}")
     return 1 if any(failed(r) for r in results.values()) else 0
 
 
