@@ -70,3 +70,11 @@ async def test_stream_of_finished_run_replays_history_and_closes(platform: Any) 
     lines = resp.text.splitlines()
     assert lines[0] == "id: 1" or "event: run.created" in lines[:3]
     assert "event: run.succeeded" in lines
+
+
+async def test_resuming_after_the_end_closes_at_once(platform: Any) -> None:
+    async with AsyncServiceClient(platform.url) as client:
+        run_id = (await client.create_run(input="x", spec=SLOW.replace("400", "0")))["run_id"]
+        events = [e async for e in client.stream_run(run_id, last_event_id="12")]
+        beyond = [e async for e in client.stream_run(run_id, last_event_id="40")]
+    assert events == [] and beyond == []

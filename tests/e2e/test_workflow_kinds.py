@@ -162,3 +162,24 @@ async def test_a_failed_branch_follows_its_on_error(platform: Any) -> None:
     assert [e["data"]["step_id"] for e in events if e["type"] == "step.failed"] == ["two"]
     fail, _ = await _run(platform, spec=FANOUT % "fail")
     assert fail["status"] == "failed" and "branch two failed" in fail["error"]
+
+
+ESCAPE = """
+version: v1
+agent: {name: a, model: {provider: dummy}}
+workflow:
+  name: escape
+  kind: sequential
+  steps:
+    - {id: shell, kind: function, function: "asyncio.subprocess:create_subprocess_shell", args: {cmd: "touch /tmp/kneo-pwned"}}
+"""
+
+
+async def test_function_steps_only_import_allowed_packages(platform: Any) -> None:
+    import os
+
+    run, events = await _run(platform, spec=ESCAPE)
+    assert run["status"] == "failed"
+    failed = next(e["data"] for e in events if e["type"] == "step.failed")
+    assert "not in KNEO_SERV_FUNCTION_PACKAGES" in failed["error"]
+    assert not os.path.exists("/tmp/kneo-pwned")

@@ -79,7 +79,6 @@ def test_parse_error_has_a_location() -> None:
     ("mutate", "code"),
     [
         (lambda s: s["workflow"]["steps"].append({"id": "one"}), "E_DUPLICATE_ID"),
-        (lambda s: s["workflow"]["steps"][0].update(kind="human", prompt="ok?"), "E_STEP_KIND_UNSUPPORTED"),
         (lambda s: s["workflow"].update(steps=[]), "E_NO_STEPS"),
         (lambda s: s["agent"]["model"].update(provider="nope"), "E_PROVIDER_UNAVAILABLE"),
         (lambda s: s.pop("agent"), "E_SCHEMA"),

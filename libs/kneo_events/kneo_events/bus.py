@@ -223,22 +223,33 @@ class Bus:
             if inflight < limit:
                 idle.set()
 
+        tasks: set[asyncio.Task[None]] = set()
         try:
-            async with asyncio.TaskGroup() as tg:
-                while not stop.is_set():
-                    if inflight >= limit:  # back-pressure: pull no more than we can work on
-                        idle.clear()
-                        await idle.wait()
-                        continue
-                    await puller.request(limit - inflight)
-                    msg = await puller.next(timeout=0.5)
-                    if msg is None:
-                        continue
-                    inflight += 1
-                    task = tg.create_task(self._handle(msg, handler, on_dead_letter))
-                    task.add_done_callback(done)
+            while not stop.is_set():
+                if inflight >= limit:  # back-pressure: pull no more than we can work on
+                    idle.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await idle.wait()
+                    continue
+                await puller.request(limit - inflight)
+                msg = await puller.next(timeout=0.5)
+                if msg is None:
+                    continue
+                inflight += 1
+                task = asyncio.create_task(self._handle(msg, handler, on_dead_letter))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(done)
         finally:
             await puller.close()
+            if tasks:  # let handlers in flight finish (bounded), then stop them: their messages are redelivered
+                _, late = await asyncio.wait(set(tasks), timeout=self.settings.shutdown_grace_seconds)
+                for task in late:
+                    task.cancel()
+                if late:
+                    log.warning("%s: %d handlers still running at shutdown were cancelled", service, len(late))
+                    await asyncio.wait(late, timeout=5)
 
     async def _handle(
         self,
@@ -261,7 +272,12 @@ class Bus:
                 deliveries = msg.metadata.num_delivered
                 if deliveries >= self.settings.command_max_deliveries:
                     log.error("dead-lettering %s after %d deliveries: %r", cmd.command_id, deliveries, exc)
-                    await on_dead_letter(cmd, msg, exc)
+                    try:
+                        await on_dead_letter(cmd, msg, exc)
+                    except Exception:  # not recorded: keep the message, it comes back after a pause
+                        log.exception("could not record the dead letter of %s; retrying later", cmd.command_id)
+                        await msg.nak(delay=self.settings.command_retry_backoff_seconds * 8)
+                        return
                     await msg.ack()
                 else:
                     delay = self.settings.command_retry_backoff_seconds * (2 ** (deliveries - 1))
@@ -346,8 +362,15 @@ class _Puller:
         self.sub = await self.bus.nc.subscribe(self.inbox, cb=on_msg)
 
     async def close(self) -> None:
+        """Stop pulling; messages delivered to us but not handed out go back to the queue at once."""
         with contextlib.suppress(Exception):
             await self.sub.unsubscribe()
+        while not self.queue.empty():
+            msg = self.queue.get_nowait()
+            if msg.headers and msg.headers.get("Status"):
+                continue
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
     async def request(self, want: int) -> None:
         """Top the outstanding pull requests up to ``want`` messages (in batches, not one by one)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kneo_events.bus import Bus
+from kneo_events.errors import ConcurrencyConflict
 from kneo_events.schemas import (
     Command,
     CommandDeadLettered,
@@ -28,6 +29,7 @@ from kneo_events.schemas import (
     compile_run_command,
     execute_step_command,
     new_event,
+    resume_human_command,
 )
 from kneo_events.settings import Settings
 from kneo_events.store import UNKNOWN, AppendResult, EventStore
@@ -94,6 +96,11 @@ class Kernel:
         redelivered command whose first handling crashed after commit still moves the run on.
         """
         result = await self.store.append(stream_id, events, expected_version, command_id, prior_state=prior_state)
+        if result.duplicate and stream_id.startswith("run-"):
+            # The command was handled before (and maybe crashed before sending what follows): resend what the
+            # stored state says comes next, not what this attempt decided (which may differ).
+            state = await self.store.get_run(stream_id.removeprefix("run-"))
+            commands = next_commands(state) if state and state["status"] in ("queued", "running") else []
         if not result.duplicate and result.events:
             for listener in self.local_listeners:
                 listener(result.events)
@@ -168,10 +175,14 @@ class Kernel:
             )
         # A command for a run that does not exist must not create one: record it on a stream of its own.
         stream_id = cmd.stream_id if state is not None else f"deadletter-{cmd.command_id}"
-        try:
-            await self.commit(stream_id, events, None, f"{cmd.command_id}:dead")
-        except Exception:
-            log.exception("could not record the dead letter of %s", cmd.command_id)
+        for attempt in range(10):
+            try:
+                await self.commit(stream_id, events, None, f"{cmd.command_id}:dead")
+                return
+            except ConcurrencyConflict:  # a run writer (which doesn't take the per-stream lock) got there first
+                if attempt == 9:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
 
     # ------------------------------------------------------------------ relay
 
@@ -187,12 +198,11 @@ class Kernel:
     async def _relay_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.relay_interval_seconds)
-            if self._queue.qsize():
-                # Our own publisher is busy: entries past the grace period are most likely still on their way
-                # (an overloaded process, not a crashed one). Republishing now would only add load.
-                continue
+            # While our own publisher has a backlog, old entries are most likely still on their way (an overloaded
+            # process, not a crashed one): wait six times longer before republishing them.
+            grace = self.settings.relay_grace_seconds * (6 if self._queue.qsize() else 1)
             try:
-                while await self.relay_once() > 0:
+                while await self.relay_once(grace) > 0:
                     pass
             except Exception as exc:
                 log.warning("relay pass failed: %r", exc)
@@ -242,6 +252,9 @@ def next_commands(state: dict[str, Any]) -> list[Command]:
         return [
             execute_step_command(run_id, stream_id, StepScheduled.model_validate(p), meta) for p in pending.values()
         ]
+    awaiting, decided = state.get("awaiting_human"), state.get("human_decision")
+    if state.get("status") == "running" and isinstance(awaiting, dict) and isinstance(decided, dict):
+        return [resume_human_command(run_id, stream_id, str(awaiting["continuation_id"]), meta)]
     if state.get("status") == "queued" and not state.get("workflow_kind"):
         return [compile_run_command(run_id, stream_id, meta)]
     return []

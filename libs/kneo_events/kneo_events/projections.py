@@ -42,6 +42,8 @@ def initial_run_state() -> JSON:
         "step_outputs": {},
         "next_step": None,
         "pending": {},
+        "awaiting_human": None,
+        "human_decision": None,
         "checkpoint_count": 0,
         "turn": 0,
         "transcript": [],
@@ -115,6 +117,22 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         s["current_step_index"] = d["step_index"]
         s["current_node_id"] = d["step_id"]
         _set_status(s, "running")
+    elif etype == "human.requested":
+        request = {
+            k: d.get(k)
+            for k in ("request_id", "continuation_id", "prompt", "options", "deadline_epoch", "step_id", "reviewers")
+        }
+        s["metadata"] = {**s["metadata"], "pending_human_request": request}
+        s["awaiting_human"] = {k: d.get(k) for k in ("continuation_id", "request_id", "step_index", "step_id", "turn")}
+        s["pending"] = _without_step(s, int(d["step_index"]))
+        s["next_step"] = _latest(s["pending"])
+        _set_status(s, "paused")
+    elif etype == "human.decided":
+        s["metadata"] = {k: v for k, v in s["metadata"].items() if k != "pending_human_request"}
+        s["human_decision"] = {
+            k: d.get(k) for k in ("continuation_id", "request_id", "decision", "content", "selected_option", "reviewer")
+        }
+        _set_status(s, "running")
     elif etype == "step.started":
         _set_status(s, "running")
     elif etype == "graph.edge_taken":
@@ -123,6 +141,8 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
     elif etype == "step.completed":
         sid = d["step_id"]
         s["turn"] = int(s.get("turn", 0)) + 1
+        s["awaiting_human"] = None
+        s["human_decision"] = None
         s["transcript"] = [*s.get("transcript", []), {"step_id": sid, "output": d.get("output")}]
         s["step_outputs"] = {**s["step_outputs"], sid: d.get("output")}
         s["visited_steps"] = [*s["visited_steps"], sid]
@@ -137,6 +157,8 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
     elif etype == "step.failed":
         s["error"] = d.get("error")
         s["failed_steps"] = [*s.get("failed_steps", []), d["step_id"]]
+        s["awaiting_human"] = None
+        s["human_decision"] = None
         s["pending"] = _without_step(s, int(d["step_index"]))
         s["next_step"] = _latest(s["pending"])
     elif etype == "checkpoint.saved":

@@ -236,6 +236,37 @@ class GraphEdgeTaken(EventPayload):
 
 
 @register
+class HumanRequested(EventPayload):
+    """A human step paused the run: who must decide what, by when."""
+
+    type: ClassVar[str] = "human.requested"
+    continuation_id: str
+    request_id: str
+    step_index: int
+    step_id: str
+    turn: int
+    prompt: str
+    options: list[str] = Field(default_factory=list)
+    reviewers: list[str] = Field(default_factory=list)
+    timeout_seconds: float | None = None
+    deadline_epoch: float | None = None
+    on_timeout: str = "fail"
+
+
+@register
+class HumanDecided(EventPayload):
+    """A reviewer decided a human step (approved, rejected, edited, selected or provided)."""
+
+    type: ClassVar[str] = "human.decided"
+    continuation_id: str
+    request_id: str
+    decision: str
+    content: str | None = None
+    selected_option: str | None = None
+    reviewer: str | None = None
+
+
+@register
 class CheckpointSaved(EventPayload):
     """The folded run state after a step boundary (the checkpoint)."""
 
@@ -420,3 +451,15 @@ def execute_step_command(run_id: str, stream_id: str, scheduled: StepScheduled, 
 def step_command_id(run_id: str, turn: int, attempt: int) -> str:
     """Deterministic command id of one attempt of one turn (a step's execution at a position in the run)."""
     return f"{run_id}:step:{turn}:{attempt}"
+
+
+def resume_human_command(run_id: str, stream_id: str, continuation_id: str, metadata: JSON) -> Command:
+    """The command that lets a runner continue a run after its human step was decided."""
+    return Command(
+        command_id=f"{run_id}:human:{continuation_id}",
+        service="runner",
+        name="resume_human",
+        stream_id=stream_id,
+        data={"run_id": run_id, "continuation_id": continuation_id},
+        metadata=metadata,
+    )

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     command_ack_wait_seconds: float = Field(
         default=30.0, validation_alias=AliasChoices("KNEO_COMMAND_ACK_WAIT_SECONDS")
     )
+    shutdown_grace_seconds: float = Field(default=10.0, validation_alias=AliasChoices("KNEO_SHUTDOWN_GRACE_SECONDS"))
     consumer_batch: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_BATCH"))
     consumer_concurrency: int = Field(default=64, validation_alias=AliasChoices("KNEO_CONSUMER_CONCURRENCY"))
     relay_grace_seconds: float = Field(default=10.0, validation_alias=AliasChoices("KNEO_RELAY_GRACE_SECONDS"))
@@ -102,6 +103,10 @@ class Settings(BaseSettings):
     )
 
     # --- runner
+    function_packages: str = Field(default="examples", validation_alias=AliasChoices("KNEO_SERV_FUNCTION_PACKAGES"))
+    step_timeout_seconds: float = Field(
+        default=900.0, gt=0, validation_alias=AliasChoices("KNEO_SERV_STEP_TIMEOUT_SECONDS")
+    )
     runner_name: str | None = Field(default=None, validation_alias=AliasChoices("KNEO_RUNNER_NAME"))
     provider_retries: int = Field(default=0, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_RETRIES"))
     provider_retry_backoff_seconds: float = Field(

@@ -12,7 +12,7 @@ from kneo_compiler.operations import OPERATIONS, run_operation
 from kneo_compiler.spec import SpecProblem, compile_spec
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
-from kneo_events.kernel import Kernel, next_command
+from kneo_events.kernel import Kernel, next_commands
 from kneo_events.schemas import (
     Command,
     EnvironmentPolicyEnforcement,
@@ -62,9 +62,9 @@ class CompilerService(WorkerService):
         if state["status"] != "queued" or state.get("workflow_kind"):
             # Already compiled (resend the first step in case the earlier handling crashed before sending it;
             # JetStream drops the duplicate), or cancelled meanwhile.
-            follow = next_command(state)
-            if follow is not None and state["status"] in ("queued", "running"):
-                await self.kernel.bus.publish_command(follow)
+            if state["status"] in ("queued", "running"):
+                for follow in next_commands(state):  # every pending step (concurrent branches too)
+                    await self.kernel.bus.publish_command(follow)
             return
         created: dict[str, Any] = row["created"]
         policy = EnvironmentPolicyEnforcement.model_validate(dict(row["policy"])) if row["policy"] else None

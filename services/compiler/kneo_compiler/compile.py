@@ -19,7 +19,7 @@ from kneo_compiler.structure import workflow_items
 JSON = dict[str, Any]
 PLAN_VERSION = 2
 DEFAULT_RETRIES = 3
-RUNNABLE_STEP_KINDS = {"agent", "function"}
+RUNNABLE_STEP_KINDS = {"agent", "function", "human"}
 
 
 def plan_hash(plan: JSON) -> str:
@@ -141,7 +141,7 @@ def _step(index: int, step: Step, primary: str, functions: dict[str, Any]) -> JS
 
 
 def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
-    """What the runner of this build cannot execute yet: human steps (they arrive with the human-tasks service)."""
+    """Steps the runner of this build cannot execute (only in plans from elsewhere: every kind of the language runs)."""
     out: list[Diagnostic] = []
     for step in plan.get("steps") or []:
         path = f"workflow.steps[{step.get('index')}]"
@@ -151,7 +151,7 @@ def runnable_diagnostics(plan: JSON) -> list[Diagnostic]:
                     "E_STEP_KIND_UNSUPPORTED",
                     f"{path}.kind",
                     f"step kind {step.get('kind')!r} is valid, but the runner does not execute it yet",
-                    "use agent or function steps to run it today",
+                    "use agent, function or human steps",
                 )
             )
     return out

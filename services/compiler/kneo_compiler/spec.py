@@ -111,7 +111,7 @@ def compile_spec(
     """Compile a spec into a deterministic executable plan, or raise :class:`SpecProblem` with the errors.
 
     With ``runnable`` (the default, what the compiler service needs) a plan the runner of this build cannot execute
-    is an error too (``E_STEP_KIND_UNSUPPORTED``: human steps, for now); ``runnable=False`` compiles
+    is an error too (``E_STEP_KIND_UNSUPPORTED``); ``runnable=False`` skips that check
     every valid workflow kind (``kneo spec compile``).
     """
     result = check(raw, environment, project=project, policy=policy)

@@ -46,6 +46,7 @@ class _RunTopic:
     def __init__(self) -> None:
         self.listeners: set[Listener] = set()
         self.subs: list[Any] = []
+        self.ready = asyncio.Event()
 
 
 class LiveHub:
@@ -59,22 +60,25 @@ class LiveHub:
         # ``run.*`` events (a few per run), so a sync request costs no subscribe/flush round trip of its own.
         self.waiters: dict[str, set[Listener]] = {}
         self._lifecycle_sub: Any = None
+        self._human_sub: Any = None
         self._lifecycle_prefix = ""
 
     async def start(self) -> None:
         """Subscribe to every run's lifecycle events (``kneo.evt.run.*.run.*``) for waiters."""
         self._lifecycle_prefix = self.bus.subject("kneo.evt.run.")
         self._lifecycle_sub = await self.bus.subscribe_core("kneo.evt.run.*.run.*", self._on_lifecycle)
+        self._human_sub = await self.bus.subscribe_core("kneo.evt.run.*.human.requested", self._on_lifecycle)
 
     async def stop(self) -> None:
         """Drop every subscription."""
         for topic in self.topics.values():
             await self._unsubscribe(topic)
         self.topics.clear()
-        if self._lifecycle_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._lifecycle_sub.unsubscribe()
-            self._lifecycle_sub = None
+        for sub in (self._lifecycle_sub, self._human_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._lifecycle_sub = self._human_sub = None
 
     async def _on_lifecycle(self, msg: Msg) -> None:
         run_id = msg.subject[len(self._lifecycle_prefix) :].split(".", 1)[0]
@@ -86,7 +90,7 @@ class LiveHub:
 
     @contextlib.contextmanager
     def wait_for(self, run_id: str, event_types: frozenset[str]) -> Iterator[Listener]:
-        """Hear of a run's lifecycle events (types ``run.*``) for the duration of the block."""
+        """Hear of a run's lifecycle events (``run.*`` and ``human.requested``) for the duration of the block."""
         listener = Listener(self.buffer, event_types)
         self.waiters.setdefault(run_id, set()).add(listener)
         try:
@@ -120,9 +124,16 @@ class LiveHub:
         if topic is None:
             topic = self.topics[run_id] = _RunTopic()
             topic.listeners.add(listener)
-            await self._subscribe(run_id, topic)
+            try:
+                await self._subscribe(run_id, topic)
+                topic.ready.set()
+            except BaseException:
+                del self.topics[run_id]
+                await self._unsubscribe(topic)
+                raise
         else:
             topic.listeners.add(listener)
+            await asyncio.wait_for(topic.ready.wait(), timeout=10)  # the first listener's subscription is in place
         try:
             yield listener
         finally:

@@ -12,16 +12,18 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from nats.aio.msg import Msg
 
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
-from kneo_events.kernel import Kernel, next_command
-from kneo_events.schemas import Command, execute_step_command, new_event
+from kneo_events.kernel import Kernel, next_commands
+from kneo_events.redaction import redact_text
+from kneo_events.schemas import Command, HumanRequested, execute_step_command, new_event
 from kneo_events.service import WorkerService
-from kneo_runner.domain import decide, is_last_branch, should_run
-from kneo_runner.engine import StepCancelled, aggregate_outputs, execute_step
+from kneo_runner.domain import Outcome, decide, human_outcome, is_last_branch, should_run
+from kneo_runner.engine import StepCancelled, aggregate_outputs, execute_step, render_prompt
 
 log = logging.getLogger("kneo.runner")
 SERVICE = "runner"
@@ -40,6 +42,8 @@ class RunnerService(WorkerService):
             sys.path.append(root)
         self.runner_name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
         self.handlers["execute_step"] = self.execute_step
+        self.handlers["resume_human"] = self.resume_human
+        self.allowed_packages = tuple(p.strip() for p in kernel.settings.function_packages.split(",") if p.strip())
         # Runs cancelled recently (heard on the bus): a streaming step checks this between chunks.
         self.cancelled: OrderedDict[str, None] = OrderedDict()
 
@@ -74,9 +78,14 @@ class RunnerService(WorkerService):
         if not should_run(state, cmd.command_id):
             # Stale, duplicate, or the run is finished. If this command's handling committed but crashed before
             # sending what follows, resend it now: JetStream drops it (same Nats-Msg-Id) if it was already sent.
-            follow = next_command(state)
-            if follow is not None and state["status"] in ("queued", "running"):
-                await self.kernel.bus.publish_command(follow)
+            if state["status"] in ("queued", "running"):
+                for follow in next_commands(state):  # every pending step (concurrent branches too)
+                    await self.kernel.bus.publish_command(follow)
+            return
+        turn_raw = cmd.data.get("turn")
+        turn = int(turn_raw) if turn_raw is not None else step_index
+        if plan["steps"][step_index].get("kind") == "human":
+            await self._request_human(cmd, plan, state, step_index, turn)
             return
         delivery = msg.metadata.num_delivered if msg.metadata else 1
         after_version = int(state["version"])
@@ -116,8 +125,16 @@ class RunnerService(WorkerService):
         beat = asyncio.create_task(heartbeat())
         try:
             outcome = await execute_step(
-                plan, state, step_index, attempt, sink, self.kernel.settings.provider_timeout_seconds
+                plan,
+                state,
+                step_index,
+                attempt,
+                sink,
+                self.kernel.settings.provider_timeout_seconds or self.kernel.settings.step_timeout_seconds,
+                self.allowed_packages,
             )
+            # still under the heartbeat: recording (and a concurrent run's aggregation) keeps the message ours
+            await self._record(cmd, plan, state, step_index, attempt, turn, outcome)
         except StepCancelled:
             self.log.info("run %s was cancelled during step %s; stopped", run_id, step_index)
             return
@@ -125,7 +142,20 @@ class RunnerService(WorkerService):
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        turn = cmd.data.get("turn")
+
+    async def _record(
+        self,
+        cmd: Command,
+        plan: dict[str, Any],
+        state: dict[str, Any],
+        step_index: int,
+        attempt: int,
+        turn: int,
+        outcome: Outcome,
+    ) -> None:
+        """Decide what the outcome means and append it; on a lost race decide again on the fresh state."""
+        run_id = str(cmd.data["run_id"])
+        store = self.kernel.store
         meta = {
             "request_id": cmd.metadata.get("request_id"),
             "causation_id": cmd.command_id,
@@ -134,12 +164,10 @@ class RunnerService(WorkerService):
             "runner": self.runner_name,
         }
         stream_id = run_stream(run_id)
-        # Decide and append; when the run moved meanwhile (a sibling branch finished), decide again on the fresh
-        # state with the same outcome: the step is never executed twice for a race it did not lose.
         for _ in range(20):
             aggregate = None
             if is_last_branch(plan, state, step_index):
-                aggregate = await aggregate_outputs(plan, state, step_index, outcome)
+                aggregate = await aggregate_outputs(plan, state, step_index, outcome, self.allowed_packages)
             decision = decide(
                 run_id,
                 plan,
@@ -149,7 +177,7 @@ class RunnerService(WorkerService):
                 outcome,
                 self.kernel.settings.provider_retry_backoff_seconds,
                 time.time(),
-                turn=int(turn) if turn is not None else None,
+                turn=turn,
                 aggregate=aggregate,
             )
             events = [new_event(p, meta) for p in decision.events]
@@ -165,10 +193,69 @@ class RunnerService(WorkerService):
                 return
             except ConcurrencyConflict:
                 fresh = await store.get_run(run_id)
-                if fresh is None or not should_run(fresh, cmd.command_id):
+                if fresh is None or not self._still_mine(fresh, cmd):
                     self.log.info(
                         "run %s moved on while step %s ran (e.g. cancelled); outcome dropped", run_id, step_index
                     )
                     return
                 state = fresh
         raise ConcurrencyConflict(f"run {run_id} kept changing while step {step_index} was recorded")
+
+    @staticmethod
+    def _still_mine(state: dict[str, Any], cmd: Command) -> bool:
+        if cmd.name == "resume_human":
+            return state["status"] == "running" and bool(state.get("human_decision"))
+        return should_run(state, cmd.command_id)
+
+    # ------------------------------------------------------------------ human steps
+
+    async def _request_human(
+        self, cmd: Command, plan: dict[str, Any], state: dict[str, Any], step_index: int, turn: int
+    ) -> None:
+        """A human step: pause the run with its request (the human service decides; resume_human continues)."""
+        step = plan["steps"][step_index]
+        run_id = str(cmd.data["run_id"])
+        timeout = step.get("timeout_seconds")
+        prompt = render_prompt(step.get("prompt"), state.get("input"), state.get("step_outputs", {}), step["id"])
+        request = HumanRequested(
+            continuation_id=f"cont_{secrets.token_hex(8)}",
+            request_id=f"req_{secrets.token_hex(8)}",
+            step_index=step_index,
+            step_id=step["id"],
+            turn=turn,
+            prompt=redact_text(prompt),
+            options=list(step.get("options") or []),
+            reviewers=list(step.get("reviewers") or []),
+            timeout_seconds=timeout,
+            deadline_epoch=round(time.time() + float(timeout), 3) if timeout else None,
+            on_timeout=step.get("on_timeout") or "fail",
+        )
+        meta = {
+            "request_id": cmd.metadata.get("request_id"),
+            "causation_id": cmd.command_id,
+            "correlation_id": run_id,
+            "actor": "system",
+            "runner": self.runner_name,
+        }
+        try:
+            await self.kernel.commit(
+                run_stream(run_id), [new_event(request, meta)], int(state["version"]), cmd.command_id, prior_state=state
+            )
+        except ConcurrencyConflict:
+            fresh = await self.kernel.store.get_run(run_id)
+            if fresh is not None and should_run(fresh, cmd.command_id):
+                raise
+            # cancelled (or handled) meanwhile: nothing to pause
+
+    async def resume_human(self, cmd: Command, msg: Msg) -> None:
+        """Continue a run whose human step was decided: the decision is the step's outcome."""
+        run_id = str(cmd.data["run_id"])
+        state, plan = await self.kernel.store.get_run_with_plan(run_id)
+        if state is None or plan is None or not self._still_mine(state, cmd):
+            return
+        awaiting, decision = state.get("awaiting_human") or {}, state["human_decision"]
+        if decision.get("continuation_id") != awaiting.get("continuation_id"):
+            return
+        step_index = int(awaiting["step_index"])
+        turn = int(awaiting.get("turn") if awaiting.get("turn") is not None else step_index)
+        await self._record(cmd, plan, state, step_index, 1, turn, human_outcome(decision, state))

@@ -234,3 +234,24 @@ def _decide_branch(
         return Decision(events, None)
     text = aggregate if isinstance(aggregate, str) or aggregate is None else str(aggregate)
     return Decision([*events, RunSucceeded(output_text=text)], None)
+
+
+def human_outcome(decision: JSON, state: JSON) -> Outcome:
+    """What a reviewer's decision means for the human step.
+
+    ``approved``: the step passes the previous output on (or the reviewer's note); ``edited`` / ``provided`` /
+    ``selected``: the reviewer's content (or the selected option) is the step's output; ``rejected``: the step fails
+    with the reviewer's reason (not retryable), and the step's ``on_error`` decides what follows.
+    """
+    kind = decision.get("decision")
+    content = decision.get("content")
+    if kind == "rejected":
+        return StepErrored(
+            f"rejected by {decision.get('reviewer') or 'the reviewer'}: {content or 'no reason given'}", retryable=False
+        )
+    if kind == "selected":
+        return StepSucceeded(decision.get("selected_option"), 0, 0.0)
+    if kind in ("edited", "provided"):
+        return StepSucceeded(content, 0, 0.0)
+    previous = state.get("output_text")
+    return StepSucceeded(previous if previous is not None else content, 0, 0.0)

@@ -98,8 +98,33 @@ def render_prompt(template: str | None, run_input: Any, outputs: JSON, step_id: 
     return _PLACEHOLDER.sub(sub, template)
 
 
+def import_function(target: str, allowed_packages: tuple[str, ...]) -> Any:
+    """Import ``module:attr``, only from the allowed packages (``KNEO_SERV_FUNCTION_PACKAGES``).
+
+    A spec is data a caller sends; without the allow-list, ``function: "asyncio.subprocess:create_subprocess_shell"``
+    would run a shell command on the runner.
+    """
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise StepFunctionError(f"function {target!r} must look like package.module:function")
+    if not any(module_name == p or module_name.startswith(p + ".") for p in allowed_packages):
+        raise StepFunctionError(
+            f"function module {module_name!r} is not in KNEO_SERV_FUNCTION_PACKAGES ({', '.join(allowed_packages)})"
+        )
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise StepFunctionError(f"cannot import function {target!r}: {exc}") from None
+
+
 async def execute_step(
-    plan: JSON, state: JSON, step_index: int, attempt: int, sink: ChunkSink, default_timeout: float | None
+    plan: JSON,
+    state: JSON,
+    step_index: int,
+    attempt: int,
+    sink: ChunkSink,
+    default_timeout: float | None,
+    allowed_packages: tuple[str, ...] = ("examples",),
 ) -> Outcome:
     """Run one step and return its outcome (never raises for a step failure)."""
     step = plan["steps"][step_index]
@@ -108,7 +133,7 @@ async def execute_step(
     try:
         async with asyncio.timeout(timeout):
             if step.get("kind") == "function":
-                output: Any = await _call_function(plan, step, state)
+                output: Any = await _call_function(plan, step, state, allowed_packages)
                 chunks = 0
             else:
                 output, chunks = await _call_agent(plan, step, state, attempt, sink)
@@ -165,16 +190,12 @@ class StepFunctionError(Exception):
     """A function step could not be imported or raised."""
 
 
-async def _call_function(plan: JSON, step: JSON, state: JSON) -> Any:
+async def _call_function(plan: JSON, step: JSON, state: JSON, allowed_packages: tuple[str, ...]) -> Any:
     """Call the step's function (``module:attr``, or a component by name) with its ``args`` (placeholders
     rendered); sync functions run in a thread."""
     target = str(step.get("function") or "")
     target = str((plan.get("functions") or {}).get(target, target))
-    module_name, _, attr = target.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise StepFunctionError(f"cannot import function {target!r}: {exc}") from None
+    fn = import_function(target, allowed_packages)
     outputs = state.get("step_outputs", {})
     args = {
         k: render_prompt(v, state.get("input"), outputs, step["id"]) if isinstance(v, str) else v
@@ -194,7 +215,14 @@ async def _call_function(plan: JSON, step: JSON, state: JSON) -> Any:
     return result
 
 
-async def aggregate_outputs(plan: JSON, state: JSON, step_index: int, outcome: Outcome) -> Any:
+async def aggregate_outputs(
+    plan: JSON,
+    state: JSON,
+    step_index: int,
+    outcome: Outcome,
+    allowed_packages: tuple[str, ...] = ("examples",),
+    timeout: float = 60.0,
+) -> Any:
     """Combine a concurrent run's branch outputs (this last branch included), per the plan's ``aggregation``.
 
     ``concat`` (default): ``## <branch>`` sections joined by the separator; ``json``: an object of branch → output;
@@ -212,10 +240,10 @@ async def aggregate_outputs(plan: JSON, state: JSON, step_index: int, outcome: O
     if kind == "json":
         return orjson.dumps(outputs).decode()
     if kind == "function" and agg.get("function"):
-        module_name, _, attr = str(agg["function"]).partition(":")
         try:
-            fn = getattr(importlib.import_module(module_name), attr)
-            return await anyio.to_thread.run_sync(fn, outputs)
+            fn = import_function(str(agg["function"]), allowed_packages)
+            async with asyncio.timeout(timeout):
+                return await anyio.to_thread.run_sync(fn, outputs, abandon_on_cancel=True)
         except Exception as exc:  # the run still ends, with the error visible in its output
             return f"aggregation {agg['function']} failed: {type(exc).__name__}: {exc}"
     separator = agg.get("separator", "\n\n")

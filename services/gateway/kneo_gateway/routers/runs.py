@@ -27,7 +27,7 @@ router = APIRouter(tags=["runs"])
 SORT_FIELDS = ("created_at", "updated_at", "status", "run_id")
 MAX_OFFSET = 1_000_000_000
 _STOP_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
-_SETTLE_TYPES = _STOP_TYPES | {"run.paused"}  # run.* only: waiters hear the kneo.evt.run.*.run.* subjects
+_SETTLE_TYPES = _STOP_TYPES | {"human.requested"}  # what a sync request waits for (the run is done or paused)
 
 
 def _gw(request: Request) -> Gateway:
@@ -140,7 +140,7 @@ class _RunStart:
     async def settle_claim(self, route: str, key: str) -> None:
         """The request failed or was cut off: keep the claim if a run exists (answer = its state), else drop it."""
         idem = self.gw.idempotency
-        if self.created and self.run_id is not None:
+        if self.run_id is not None:  # even when the commit raised: it may have committed before failing
             state = await self.gw.kernel.store.get_run(self.run_id)
             if state is not None:
                 await idem.complete(self.actor, route, key, 200 if _settled(state) else 202, run_body(state))
@@ -360,6 +360,10 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
     async with gw.hub.listen(run_id) as listener:  # listen first, then read history: nothing falls in between
         for sse in await from_log():
             yield sse
+        if not cur.done:
+            state = await store.get_run(run_id)
+            if state is not None and state["status"] in TERMINAL_STATUSES and int(state["version"]) <= cur.version:
+                return  # resumed after the end (e.g. Last-Event-ID = the terminal event): nothing more will come
         while not cur.done:
             if listener.lagged:
                 listener.lagged = False
@@ -396,9 +400,9 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
             if after != cur.version or cur.done:
                 continue
             known = cur.steps.get(step_id)
-            restarted = (known is not None and known[0] != execution) or (
-                known is None and int(item.get("delivery", 1)) > 1
-            )
+            # A different execution of a step already streaming here means it restarted (a retry's delayed
+            # redelivery does not count: only a change of execution does).
+            restarted = known is not None and known[0] != execution
             if restarted:
                 # A new execution of the step: it was redelivered (runner crash) and streams again from chunk 0.
                 cur.steps[step_id] = (execution, -1)
