@@ -3,6 +3,7 @@ bounded loops, max_iterations), handoff, group chat, and function steps."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -176,10 +177,10 @@ workflow:
 
 
 async def test_function_steps_only_import_allowed_packages(platform: Any) -> None:
-    import os
+    from pathlib import Path
 
     run, events = await _run(platform, spec=ESCAPE)
     assert run["status"] == "failed"
     failed = next(e["data"] for e in events if e["type"] == "step.failed")
     assert "not in KNEO_SERV_FUNCTION_PACKAGES" in failed["error"]
-    assert not os.path.exists("/tmp/kneo-pwned")
+    assert not await asyncio.to_thread(Path("/tmp/kneo-pwned").exists)
