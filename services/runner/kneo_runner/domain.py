@@ -117,29 +117,7 @@ def decide(
     if plan["workflow"].get("kind") == "concurrent":
         return _decide_branch(run_id, plan, state, step_index, attempt, outcome, retry_backoff_seconds, now, aggregate)
     if isinstance(outcome, StepSucceeded):
-        outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
-        events: list[EventPayload] = [
-            StepCompleted(
-                step_index=step_index,
-                step_id=step["id"],
-                output=outcome.output,
-                attempt=attempt,
-                chunks=outcome.chunks,
-                duration_ms=round(outcome.duration_ms, 3),
-            ),
-            CheckpointSaved(
-                sequence=int(state.get("checkpoint_count", 0)) + 1,
-                step_index=step_index,
-                step_id=step["id"],
-                state=redact(
-                    {
-                        "step_outputs": outputs,
-                        "visited_steps": [*state.get("visited_steps", []), step["id"]],
-                        "next_step_index": step_index + 1,
-                    }
-                ),
-            ),
-        ]
+        events = _completed(step, step_index, attempt, outcome, state, {"next_step_index": step_index + 1})
         more, nxt = _advance(run_id, plan, state, step_index, turn, outcome.output)
         return Decision(events + more, nxt)
     max_attempts = 1 + int(step.get("max_retries") or 0)
@@ -178,7 +156,10 @@ def decide(
     )
 
 
-def _completed(step: JSON, step_index: int, attempt: int, outcome: StepSucceeded, state: JSON) -> list[EventPayload]:
+def _completed(
+    step: JSON, step_index: int, attempt: int, outcome: StepSucceeded, state: JSON, extra: JSON | None = None
+) -> list[EventPayload]:
+    """``step.completed`` and the checkpoint after it (the folded state at this boundary, redacted)."""
     outputs = {**state.get("step_outputs", {}), step["id"]: outcome.output}
     return [
         StepCompleted(
@@ -193,7 +174,13 @@ def _completed(step: JSON, step_index: int, attempt: int, outcome: StepSucceeded
             sequence=int(state.get("checkpoint_count", 0)) + 1,
             step_index=step_index,
             step_id=step["id"],
-            state=redact({"step_outputs": outputs, "visited_steps": [*state.get("visited_steps", []), step["id"]]}),
+            state=redact(
+                {
+                    "step_outputs": outputs,
+                    "visited_steps": [*state.get("visited_steps", []), step["id"]],
+                    **(extra or {}),
+                }
+            ),
         ),
     ]
 
