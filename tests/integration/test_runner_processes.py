@@ -144,3 +144,63 @@ async def test_concurrent_branches_run_on_two_processes_at_once(platform_factory
     finishes = [datetime.fromisoformat(e["recorded_at"]) for e in done]
     durations = [e["data"]["duration_ms"] / 1000 for e in done]
     assert (max(finishes) - start).total_seconds() < sum(durations) * 0.8
+
+
+KIND_SPECS = {
+    "graph": """
+version: v1
+agent: {name: a, model: {provider: dummy, params: {chunks: 8, latency_ms: 150}}}
+workflow:
+  name: g
+  kind: graph
+  start: first
+  nodes: [{id: first, kind: agent, prompt: "one {input}"}, {id: second, kind: agent, prompt: "two {steps.first}"}]
+  edges: [{from: first, to: second}]
+""",
+    "concurrent": """
+version: v1
+agent: {name: a, model: {provider: dummy, params: {chunks: 8, latency_ms: 150}}}
+workflow:
+  name: c
+  kind: concurrent
+  participants: [{id: first, kind: agent, prompt: "one {input}"}, {id: second, kind: agent, prompt: "two {input}"}]
+""",
+    "group_chat": """
+version: v1
+agent: {name: a, model: {provider: dummy, params: {chunks: 8, latency_ms: 150}}}
+workflow:
+  name: chat
+  kind: group_chat
+  rounds: 1
+  participants: [{id: first, kind: agent}, {id: second, kind: agent}]
+""",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_SPECS))
+async def test_kill_9_mid_step_for_every_workflow_kind(platform_factory: Any, spawn_service: Any, kind: str) -> None:
+    front = await platform_factory(("gateway", "compiler"))
+    env = {"KNEO_COMMAND_ACK_WAIT_SECONDS": "2"}
+    victim = spawn_service("runner", KNEO_RUNNER_NAME="victim", **env)
+    await _wait_consumers(front.kernel, 1)
+    got_chunk = asyncio.Event()
+
+    async def on_chunk(msg: Any) -> None:
+        got_chunk.set()
+
+    sub = await front.kernel.bus.subscribe_core("kneo.out.>", on_chunk)
+    try:
+        async with AsyncServiceClient(front.url) as client:
+            run_id = (await client.create_run(input="crash", spec=KIND_SPECS[kind], async_mode=True))["run_id"]
+        await asyncio.wait_for(got_chunk.wait(), timeout=30)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+        spawn_service("runner", KNEO_RUNNER_NAME="rescuer", **env)
+        state = await _wait_terminal(front.kernel.store, run_id)
+    finally:
+        await sub.unsubscribe()  # type: ignore[attr-defined]
+    assert state["status"] == "succeeded", state
+    events = await front.kernel.store.read_stream(f"run-{run_id}")
+    completed = sorted(e.data["step_id"] for e in events if e.type == "step.completed")
+    assert completed == ["first", "second"], "each step completed exactly once"
+    assert sum(1 for e in events if e.type == "run.succeeded") == 1
