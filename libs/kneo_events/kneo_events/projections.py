@@ -202,6 +202,8 @@ async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -
         return
     await _upsert_run(conn, run_id, state)
     for ev in events:
+        if ev.type.startswith("human.") or ev.type == "run.cancelled":
+            await _project_human_task(conn, run_id, state, ev)
         if ev.type == "run.compiled":
             await conn.execute(
                 "INSERT INTO run_plans (run_id, plan_hash, plan) VALUES ($1, $2, $3) "
@@ -210,6 +212,42 @@ async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -
                 ev.data["plan_hash"],
                 ev.data["plan"],
             )
+
+
+async def _project_human_task(conn: Conn, run_id: str, state: JSON, ev: RecordedEvent) -> None:
+    d = ev.data
+    if ev.type == "human.requested":
+        await conn.execute(
+            "INSERT INTO human_tasks (continuation_id, request_id, run_id, workflow_kind, step_id, step_index, prompt, "
+            "options, reviewers, deadline_epoch, on_timeout, status, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'pending', $12, $12) "
+            "ON CONFLICT (continuation_id) DO NOTHING",
+            d["continuation_id"],
+            d["request_id"],
+            run_id,
+            state.get("workflow_kind"),
+            d["step_id"],
+            int(d["step_index"]),
+            d.get("prompt") or "",
+            d.get("options") or [],
+            d.get("reviewers") or [],
+            d.get("deadline_epoch"),
+            d.get("on_timeout") or "fail",
+            ev.recorded_at,
+        )
+    elif ev.type == "human.decided":
+        await conn.execute(
+            "UPDATE human_tasks SET status = 'decided', decision = $2, updated_at = $3 WHERE continuation_id = $1",
+            d["continuation_id"],
+            {k: d.get(k) for k in ("decision", "selected_option", "reviewer")},
+            ev.recorded_at,
+        )
+    else:  # human.cancelled, or the run was cancelled: close what is still open
+        await conn.execute(
+            "UPDATE human_tasks SET status = 'cancelled', updated_at = $2 WHERE run_id = $1 AND status = 'pending'",
+            run_id,
+            ev.recorded_at,
+        )
 
 
 async def _upsert_run(conn: Conn, run_id: str, state: JSON) -> None:
@@ -254,8 +292,8 @@ INLINE_PROJECTORS: dict[str, Any] = {"run": project_run, "policy": project_polic
 async def rebuild_runs(conn: Conn) -> int:
     """Truncate the run projections and fold the whole log into them again. Returns runs rebuilt."""
     async with conn.transaction():
-        await conn.execute("LOCK TABLE runs, run_plans IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("TRUNCATE runs, run_plans")
+        await conn.execute("LOCK TABLE runs, run_plans, human_tasks IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE runs, run_plans, human_tasks")
         streams = await conn.fetch("SELECT DISTINCT stream_id FROM events WHERE stream_id LIKE 'run-%'")
         for rec in streams:
             rows = await conn.fetch(

@@ -267,6 +267,15 @@ class HumanDecided(EventPayload):
 
 
 @register
+class HumanCancelled(EventPayload):
+    """A pending human request was closed because its run was cancelled."""
+
+    type: ClassVar[str] = "human.cancelled"
+    continuation_id: str
+    request_id: str
+
+
+@register
 class CheckpointSaved(EventPayload):
     """The folded run state after a step boundary (the checkpoint)."""
 

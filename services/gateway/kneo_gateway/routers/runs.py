@@ -14,7 +14,7 @@ from kneo_events.errors import ConcurrencyConflict, InvalidRequest, InvalidState
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
 from kneo_events.redaction import redact, redact_text
-from kneo_events.schemas import RunCancelled, RunCreated, compile_run_command, dumps, new_event
+from kneo_events.schemas import HumanCancelled, RunCancelled, RunCreated, compile_run_command, dumps, new_event
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
 from kneo_gateway.responses import JSONBody
@@ -261,10 +261,17 @@ async def cancel_run(
                 status=state["status"],
             )
         event = RunCancelled(reason=(body.reason if body else None) or f"cancelled by {principal.name}")
-        try:
-            await gw.kernel.commit(
-                run_stream(run_id), [new_event(event, meta)], int(state["version"]), prior_state=state
+        events = [new_event(event, meta)]
+        awaiting = state.get("awaiting_human")
+        if state["status"] == "paused" and isinstance(awaiting, dict):  # close its human task too
+            events.insert(
+                0,
+                new_event(
+                    HumanCancelled(continuation_id=awaiting["continuation_id"], request_id=awaiting["request_id"]), meta
+                ),
             )
+        try:
+            await gw.kernel.commit(run_stream(run_id), events, int(state["version"]), prior_state=state)
         except ConcurrencyConflict:
             continue  # the run moved on (a step finished): look again
         cancelled = await gw.kernel.store.get_run(run_id)
