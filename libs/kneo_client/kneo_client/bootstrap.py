@@ -171,6 +171,7 @@ async def run_platform(
     workers = [s for s in services if s != "gateway"]
     kernel = await open_kernel(settings, name=f"kneo-{'+'.join(services)}", relay=True, reconciler="runner" in services)
     server: _Server | None = None
+    started: list[WorkerService] = []
     try:
         app = None
         if "gateway" in services:
@@ -181,6 +182,7 @@ async def run_platform(
             for name in workers:
                 svc = build_service(name, kernel)
                 await svc.start()
+                started.append(svc)
                 tg.create_task(kernel.bus.consume(name, svc.handle, svc.dead_letter, stop), name=f"consume-{name}")
             url = None
             if app is not None:
@@ -212,6 +214,9 @@ async def run_platform(
             if server is not None:
                 server.should_exit = True
     finally:
+        for svc in started:
+            with contextlib.suppress(Exception):
+                await svc.stop()
         await close_kernel(kernel)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -177,6 +177,13 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         _set_status(s, "failed")
         s["next_step"] = None
         s["pending"] = {}
+    elif etype == "run.expired":
+        if s["status"] not in TERMINAL_STATUSES:
+            s["error"] = d.get("reason")
+            s["metadata"] = {k: v for k, v in s["metadata"].items() if k != "pending_human_request"}
+        _set_status(s, "expired")
+        s["next_step"] = None
+        s["pending"] = {}
     elif etype == "run.cancelled":
         _set_status(s, "cancelled")
         s["next_step"] = None
@@ -202,7 +209,7 @@ async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -
         return
     await _upsert_run(conn, run_id, state)
     for ev in events:
-        if ev.type.startswith("human.") or ev.type == "run.cancelled":
+        if ev.type.startswith("human.") or ev.type in ("run.cancelled", "run.expired"):
             await _project_human_task(conn, run_id, state, ev)
         if ev.type == "run.compiled":
             await conn.execute(
@@ -242,7 +249,20 @@ async def _project_human_task(conn: Conn, run_id: str, state: JSON, ev: Recorded
             {k: d.get(k) for k in ("decision", "selected_option", "reviewer")},
             ev.recorded_at,
         )
-    else:  # human.cancelled, or the run was cancelled: close what is still open
+    elif ev.type == "human.escalated":
+        await conn.execute(
+            "UPDATE human_tasks SET escalated_at = $2, updated_at = $2 WHERE continuation_id = $1 "
+            "AND escalated_at IS NULL",
+            d["continuation_id"],
+            ev.recorded_at,
+        )
+    elif ev.type == "human.expired":
+        await conn.execute(
+            "UPDATE human_tasks SET status = 'expired', updated_at = $2 WHERE continuation_id = $1",
+            d["continuation_id"],
+            ev.recorded_at,
+        )
+    elif ev.type in ("human.cancelled", "run.cancelled"):  # close what is still open
         await conn.execute(
             "UPDATE human_tasks SET status = 'cancelled', updated_at = $2 WHERE run_id = $1 AND status = 'pending'",
             run_id,

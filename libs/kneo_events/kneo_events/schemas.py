@@ -276,6 +276,42 @@ class HumanCancelled(EventPayload):
 
 
 @register
+class HumanExpired(EventPayload):
+    """A human request passed its deadline with ``on_timeout: fail``."""
+
+    type: ClassVar[str] = "human.expired"
+    continuation_id: str
+    request_id: str
+
+
+@register
+class HumanContinued(EventPayload):
+    """A human request passed its deadline with ``on_timeout: continue``: an approval is synthesized."""
+
+    type: ClassVar[str] = "human.continued"
+    continuation_id: str
+    request_id: str
+
+
+@register
+class HumanEscalated(EventPayload):
+    """A human request passed its deadline with ``on_timeout: escalate``: marked once, still resumable."""
+
+    type: ClassVar[str] = "human.escalated"
+    continuation_id: str
+    request_id: str
+
+
+@register
+class RunExpired(EventPayload):
+    """The run ended because its human step expired (a terminal status)."""
+
+    type: ClassVar[str] = "run.expired"
+    continuation_id: str
+    reason: str
+
+
+@register
 class CheckpointSaved(EventPayload):
     """The folded run state after a step boundary (the checkpoint)."""
 

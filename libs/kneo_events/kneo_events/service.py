@@ -29,6 +29,9 @@ class WorkerService:
     async def start(self) -> None:
         """Start what the service runs besides its command consumer (request/reply handlers); none by default."""
 
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started; nothing by default."""
+
     async def handle(self, cmd: Command, msg: Msg) -> None:
         """Handle one command (return = ack, raise = retry with backoff)."""
         handler = self.handlers.get(cmd.name)

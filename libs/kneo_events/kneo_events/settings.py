@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         default=50, validation_alias=AliasChoices("KNEO_SERV_CHECKPOINT_MAX_DICT_ITEMS")
     )
 
+    # --- human service
+    human_timer_interval_seconds: float = Field(
+        default=1.0, gt=0, validation_alias=AliasChoices("KNEO_HUMAN_TIMER_INTERVAL_SECONDS")
+    )
+
     # --- runner
     function_packages: str = Field(default="examples", validation_alias=AliasChoices("KNEO_SERV_FUNCTION_PACKAGES"))
     step_timeout_seconds: float = Field(

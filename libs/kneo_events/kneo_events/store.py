@@ -185,7 +185,7 @@ class EventStore:
             and events
             and split_stream_id(stream_id)[0] == "run"
             # events that other projections (human tasks) follow take the transactional path with the projector
-            and not any(e.type.startswith("human.") or e.type == "run.cancelled" for e in events)
+            and not any(e.type.startswith("human.") or e.type in ("run.cancelled", "run.expired") for e in events)
         ):
             return await self._append_run(stream_id, events, expected_version, command_id, prior_state)
         if conn is None:

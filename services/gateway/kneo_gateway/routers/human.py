@@ -127,6 +127,18 @@ async def _load(gw: Gateway, continuation_id: str) -> Any:
     return row
 
 
+@router.post("/human-tasks/sweep")
+async def sweep_tasks(request: Request, principal: Annotated[Principal, Depends(require("human:write"))]) -> JSONBody:
+    """Admin: fire the timeouts of every due task now (the human service also does so on its own)."""
+    gw = _gw(request)
+    if gw.auth.enabled and principal.role != "admin":
+        raise Forbidden("only an admin key may sweep human tasks", required_role="admin")
+    reply = await gw.kernel.bus.request("human", "sweep", {}, gw.settings.rpc_timeout_seconds)
+    if not reply.get("ok"):
+        raise InvalidState(f"the sweep failed: {reply.get('message')}")
+    return JSONBody(reply["body"])
+
+
 @router.get("/human-tasks/{continuation_id}", dependencies=[Depends(require("human:read"))])
 async def get_task(continuation_id: str, request: Request) -> JSONBody:
     """One human task."""
