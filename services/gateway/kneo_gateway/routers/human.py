@@ -19,6 +19,7 @@ from kneo_events.redaction import redact
 from kneo_events.schemas import HumanDecided, new_event, resume_human_command
 from kneo_gateway.auth import Forbidden, Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
+from kneo_gateway.paging import page_params
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import run_body
 from kneo_gateway.state import Gateway
@@ -82,13 +83,7 @@ async def list_tasks(
 ) -> JSONBody:
     """Human tasks, newest first; filters run_id, workflow_kind, status."""
     gw = _gw(request)
-    if limit < 0 or offset < 0 or offset > 1_000_000_000:
-        raise InvalidRequest("limit and offset must be between 0 and 10^9")
-    if sort_by not in SORT_FIELDS:
-        raise InvalidRequest(f"unknown sort_by {sort_by!r}", allowed=list(SORT_FIELDS))
-    if sort_order not in ("asc", "desc"):
-        raise InvalidRequest("sort_order must be asc or desc", allowed=["asc", "desc"])
-    limit = min(limit, gw.settings.max_list_items)
+    limit = page_params(limit, offset, sort_by, sort_order, SORT_FIELDS, gw.settings.max_list_items)
     where = (
         "WHERE ($1::text IS NULL OR run_id = $1) AND ($2::text IS NULL OR workflow_kind = $2) "
         "AND ($3::text IS NULL OR status = $3)"
@@ -241,7 +236,6 @@ async def _decide(
     return JSONBody(run_body(fresh))
 
 
-@router.post("/human-tasks/{continuation_id}/resume")
 async def resume_task(
     continuation_id: str,
     body: ResumeRequest,
@@ -253,13 +247,8 @@ async def resume_task(
     return await _resume(continuation_id, body, request, principal, idempotency_key)
 
 
-@router.post("/continuations/{continuation_id}/resume")
-async def resume_continuation(
-    continuation_id: str,
-    body: ResumeRequest,
-    request: Request,
-    principal: Annotated[Principal, Depends(require("human:write"))],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JSONBody:
-    """Alias of ``POST /v1/human-tasks/{continuation_id}/resume``."""
-    return await _resume(continuation_id, body, request, principal, idempotency_key)
+# one handler, two paths: /continuations/{id}/resume is the seed's alias
+router.add_api_route("/human-tasks/{continuation_id}/resume", resume_task, methods=["POST"])
+router.add_api_route(
+    "/continuations/{continuation_id}/resume", resume_task, methods=["POST"], name="resume_continuation"
+)

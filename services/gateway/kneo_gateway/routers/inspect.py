@@ -17,6 +17,7 @@ from kneo_events.projections import fold_run
 from kneo_events.redaction import redact
 from kneo_events.schemas import RecordedEvent, dumps
 from kneo_gateway.auth import require
+from kneo_gateway.paging import page_params
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.state import Gateway
 
@@ -25,7 +26,6 @@ router = APIRouter(tags=["runs"], dependencies=[Depends(require("runs:read"))])
 JSON = dict[str, Any]
 CHECKPOINT_SORT_FIELDS = ("sequence", "created_at")
 TRACE_SORT_FIELDS = ("version", "recorded_at")
-SORT_ORDERS = ("asc", "desc")
 CHECKPOINT_TYPE = "step"  # every checkpoint.saved is a step (or graph node) boundary
 CONTINUABLE_KINDS = frozenset({"sequential"})
 _ERROR_EVENTS = frozenset({"step.retrying", "step.failed", "run.failed", "command.dead_lettered"})
@@ -181,22 +181,6 @@ def recovery_context(events: list[RecordedEvent], state: JSON) -> JSON:
         "can_continue": reason is None,
         "reason": reason,
     }
-
-
-# ---------------------------------------------------------------- paging
-
-
-def page_params(
-    limit: int | None, offset: int, sort_by: str, sort_order: str, fields: tuple[str, ...], cap: int
-) -> int:
-    """Validate paging parameters (400 ``invalid_request``) and return the limit used (clamped to ``cap``)."""
-    if (limit is not None and limit < 0) or offset < 0:
-        raise InvalidRequest("limit and offset must not be negative")
-    if sort_by not in fields:
-        raise InvalidRequest(f"unknown sort_by {sort_by!r}", allowed=list(fields))
-    if sort_order not in SORT_ORDERS:
-        raise InvalidRequest("sort_order must be asc or desc", allowed=list(SORT_ORDERS))
-    return cap if limit is None else min(limit, cap)
 
 
 # ---------------------------------------------------------------- routes

@@ -17,6 +17,7 @@ from kneo_events.redaction import redact, redact_text
 from kneo_events.schemas import HumanCancelled, RunCancelled, RunCreated, compile_run_command, dumps, new_event
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
+from kneo_gateway.paging import page_params
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.runs_io import RunBody, RunRequest, run_body, run_view
 from kneo_gateway.spec_source import load_spec
@@ -25,7 +26,6 @@ from kneo_gateway.state import Gateway
 router = APIRouter(tags=["runs"])
 
 SORT_FIELDS = ("created_at", "updated_at", "status", "run_id")
-MAX_OFFSET = 1_000_000_000
 _STOP_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled", "run.expired", "run.timed_out"})
 _SETTLE_TYPES = _STOP_TYPES | {"human.requested"}  # what a sync request waits for (the run is done or paused)
 
@@ -179,15 +179,7 @@ async def list_runs(
 ) -> JSONBody:
     """A page of runs, newest first by default; ``limit`` is clamped to ``KNEO_SERV_MAX_LIST_ITEMS``."""
     gw = _gw(request)
-    if limit < 0 or offset < 0:
-        raise InvalidRequest("limit and offset must not be negative")
-    if offset > MAX_OFFSET:
-        raise InvalidRequest(f"offset must be at most {MAX_OFFSET}", field="offset")
-    if sort_by not in SORT_FIELDS:
-        raise InvalidRequest(f"unknown sort_by {sort_by!r}", allowed=list(SORT_FIELDS))
-    if sort_order not in ("asc", "desc"):
-        raise InvalidRequest("sort_order must be asc or desc", allowed=["asc", "desc"])
-    limit = min(limit, gw.settings.max_list_items)
+    limit = page_params(limit, offset, sort_by, sort_order, SORT_FIELDS, gw.settings.max_list_items)
     runs, total = await gw.kernel.store.list_runs(
         status=status, limit=limit, offset=offset, sort_by=sort_by, sort_order=sort_order
     )
