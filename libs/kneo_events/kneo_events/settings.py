@@ -121,6 +121,18 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("KNEO_SERV_PROVIDER_TIMEOUT_SECONDS")
     )
 
+    # --- agent tools (services/runner/kneo_runner/tools.py; docs/tools.md)
+    tool_timeout_seconds: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("KNEO_SERV_TOOL_TIMEOUT_SECONDS")
+    )
+    mcp_retries: int = Field(default=0, ge=0, le=20, validation_alias=AliasChoices("KNEO_SERV_MCP_RETRIES"))
+    mcp_retry_backoff_seconds: float = Field(
+        default=0.25, ge=0, validation_alias=AliasChoices("KNEO_SERV_MCP_RETRY_BACKOFF_SECONDS")
+    )
+    mcp_timeout_seconds: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("KNEO_SERV_MCP_TIMEOUT_SECONDS")
+    )
+
     @field_validator("max_list_items")
     @classmethod
     def _cap_list_items(cls, v: int) -> int:
