@@ -641,6 +641,23 @@ async def breakdown(conn: asyncpg.Connection, after_position: int, outcomes: lis
     }
 
 
+async def audit_lag(conn: asyncpg.Connection, after_position: int, n: int) -> dict[str, Any]:
+    """How long after its event each audit record of this phase was written (the audit projection's lag)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the projection is asynchronous: let it catch up with the phase
+        got = await conn.fetchval(
+            "SELECT count(*) FROM audit_events WHERE position > $1 AND event_type = 'run.created'", after_position
+        )
+        if got >= n:
+            break
+        await asyncio.sleep(0.1)
+    rows = await conn.fetch(
+        "SELECT EXTRACT(EPOCH FROM (projected_at - occurred_at)) AS lag FROM audit_events WHERE position > $1",
+        after_position,
+    )
+    return {"records": len(rows), "lag": summary([float(r["lag"]) for r in rows])}
+
+
 async def phase_throughput(
     client: httpx.AsyncClient, plat: Platform, spec: str, n: int, concurrency: int, raw: bool = True
 ) -> dict[str, Any]:
@@ -674,6 +691,7 @@ async def phase_throughput(
         split = await steps_by_runner(conn, pos_before)
         where = await breakdown(conn, pos_before, outcomes)
         where["succeeded_committed_to_bus"] = summary(bus_lag)
+        audit = await audit_lag(conn, pos_before, n)
     finally:
         await conn.close()
         with contextlib.suppress(Exception):
@@ -699,6 +717,7 @@ async def phase_throughput(
         "events_per_run": round(appended / n, 2),
         "steps_by_runner": split,
         "breakdown": where,
+        "audit_lag": audit,
         "cpu_percent": {**cpu, "other_processes": round(other, 1), "machine_busy_pct_of_all_cpus": machine_busy},
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "rss_mib": rss,

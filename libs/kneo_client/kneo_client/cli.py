@@ -13,6 +13,7 @@ import orjson
 import typer
 from rich.console import Console
 
+from kneo_client.human_cli import audit_app, human_app
 from kneo_client.sdk import AsyncServiceClient, ServiceError
 from kneo_client.spec_cli import spec_app
 
@@ -22,6 +23,8 @@ runs_app = typer.Typer(help="Inspect runs", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
 app.add_typer(service_app, name="service")
 app.add_typer(runs_app, name="runs")
+app.add_typer(human_app, name="human")
+app.add_typer(audit_app, name="audit")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -139,33 +142,43 @@ def status(service_url: Annotated[str | None, typer.Option("--service-url")] = N
 
 @service_app.command("rebuild-projections")
 def rebuild_projections(
-    projection: Annotated[str, typer.Argument(help="Which projection to rebuild: runs.")] = "runs",
+    projection: Annotated[
+        str, typer.Argument(help="Which projection to rebuild: runs (runs, plans, human tasks), audit, or all.")
+    ] = "runs",
 ) -> None:
     """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
+    from kneo_audit.projection import rebuild as rebuild_audit
     from kneo_client.bootstrap import resolve_infra, run_sync
     from kneo_events.projections import rebuild_runs
     from kneo_events.store import EventStore
 
-    if projection != "runs":
-        err.print(f"kneo: unknown projection {projection!r}; choose: runs")
+    choices = ("runs", "audit", "all")
+    if projection not in choices:
+        err.print(f"kneo: unknown projection {projection!r}; choose: {', '.join(choices)}")
         raise typer.Exit(2)
     settings = _settings()
     infra = resolve_infra(settings)
 
-    async def go() -> int:
+    async def go() -> list[str]:
         assert infra.settings.database_url
         store = await EventStore.connect(infra.settings.database_url, schema=infra.settings.database_schema)
+        done = []
         try:
-            async with store.pool.acquire() as conn:
-                return await rebuild_runs(conn)
+            await store.migrate()
+            if projection in ("runs", "all"):
+                async with store.pool.acquire() as conn:
+                    done.append(f"runs ({await rebuild_runs(conn)} runs)")
+            if projection in ("audit", "all"):
+                done.append(f"audit ({await rebuild_audit(store)} records)")
+            return done
         finally:
             await store.close()
 
     try:
-        count = run_sync(go())
+        done = run_sync(go())
     finally:
         infra.stop()
-    err.print(f"kneo: rebuilt {projection} from the log ({count} runs)")
+    err.print(f"kneo: rebuilt from the log: {'; '.join(done)}")
 
 
 # ----------------------------------------------------------------------------- run
@@ -421,6 +434,130 @@ def runs_watch(run_id: str, service_url: ServiceUrl = None) -> None:
         out.print()
 
     asyncio.run(go())
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """Cancel a queued, running or paused run."""
+    _print_run(asyncio.run(_call(_remote(service_url), "cancel_run", run_id)), as_json)
+
+
+@runs_app.command("continue")
+def runs_continue(
+    run_id: str,
+    async_mode: Annotated[bool, typer.Option("--async", help="Answer at once instead of waiting for the end.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Idempotency-Key header.")] = None,
+    service_url: ServiceUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Continue a failed, cancelled or timed-out run from its last completed step (as a new, linked run)."""
+    body = asyncio.run(
+        _call(_remote(service_url), "continue_run", run_id, async_mode=async_mode, idempotency_key=idempotency_key)
+    )
+    _print_run(body, as_json)
+    raise typer.Exit(0 if body["status"] not in ("failed", "cancelled", "expired", "timed_out") else EXIT_FAILED)
+
+
+@runs_app.command("fork")
+def runs_fork(
+    run_id: str,
+    from_sequence: Annotated[int, typer.Option("--from-sequence", help="Checkpoint to start from.")],
+    run_input: Annotated[str | None, typer.Option("--input", help="New input for the steps after it.")] = None,
+    async_mode: Annotated[bool, typer.Option("--async", help="Answer at once instead of waiting for the end.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Idempotency-Key header.")] = None,
+    service_url: ServiceUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Start a new run from checkpoint N of a run (time travel): the steps after N run again."""
+    body = asyncio.run(
+        _call(
+            _remote(service_url),
+            "fork_run",
+            run_id,
+            from_sequence,
+            input=run_input,
+            async_mode=async_mode,
+            idempotency_key=idempotency_key,
+        )
+    )
+    _print_run(body, as_json)
+    raise typer.Exit(0 if body["status"] not in ("failed", "cancelled", "expired", "timed_out") else EXIT_FAILED)
+
+
+def _print_view(value: dict[str, Any], as_json: bool, rows: str | None = None, columns: tuple[str, ...] = ()) -> None:
+    """JSON as is, or a table of ``value[rows]`` with ``columns``, or ``key  value`` lines."""
+    if as_json:
+        _print_json(value)
+        return
+    if rows is None:
+        for key, item in value.items():
+            out.print(f"[bold]{key}[/bold]  {orjson.dumps(item).decode() if isinstance(item, dict | list) else item}")
+        return
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in value[rows]:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+@runs_app.command("recovery")
+def runs_recovery(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """Completed steps, failed step, next step and whether the run can continue."""
+    _print_view(asyncio.run(_call(_remote(service_url), "run_recovery", run_id)), as_json)
+
+
+@runs_app.command("checkpoints")
+def runs_checkpoints(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """A run's checkpoints (one per step boundary)."""
+    page = asyncio.run(_call(_remote(service_url), "run_checkpoints", run_id))
+    _print_view(page, as_json, "checkpoints", ("sequence", "step_id", "status", "position", "created_at"))
+
+
+@runs_app.command("checkpoint-diff")
+def runs_checkpoint_diff(
+    run_id: str,
+    from_sequence: Annotated[int | None, typer.Option("--from-sequence")] = None,
+    to_sequence: Annotated[int | None, typer.Option("--to-sequence")] = None,
+    other_run_id: Annotated[str | None, typer.Option("--other-run-id", help="Compare with this run.")] = None,
+    other_sequence: Annotated[int | None, typer.Option("--other-sequence")] = None,
+    service_url: ServiceUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Added, removed and changed paths between two checkpoints (of one run, or of two runs)."""
+    diff = asyncio.run(
+        _call(
+            _remote(service_url),
+            "checkpoint_diff",
+            run_id,
+            from_sequence=from_sequence,
+            to_sequence=to_sequence,
+            other_run_id=other_run_id,
+            other_sequence=other_sequence,
+        )
+    )
+    if as_json:
+        _print_json(diff)
+        return
+    for kind, mark in (("added", "+"), ("removed", "-")):
+        for path, value in diff[kind].items():
+            out.print(f"{mark} {path}: {value}")
+    for path, change in diff["changed"].items():
+        out.print(f"~ {path}: {change['from']} -> {change['to']}")
+
+
+@runs_app.command("replay")
+def runs_replay(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """The run's compact timeline (no checkpoint payloads)."""
+    replay = asyncio.run(_call(_remote(service_url), "run_replay", run_id))
+    _print_view(replay, as_json, "timeline", ("position", "sequence", "type", "step_id", "status", "error"))
+
+
+@runs_app.command("trace")
+def runs_trace(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+    """The run's stored events (redacted), first page."""
+    page = asyncio.run(_call(_remote(service_url), "run_trace", run_id))
+    _print_view(page, as_json, "events", ("version", "type", "recorded_at"))
 
 
 def main() -> None:

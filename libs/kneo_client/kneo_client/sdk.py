@@ -117,6 +117,128 @@ class AsyncServiceClient:
         result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/events"))
         return result
 
+    # ------------------------------------------------------------------ human tasks and the audit log
+
+    async def list_human_tasks(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/human-tasks`` (filters run_id, workflow_kind, status; limit, offset, sort_by, sort_order)."""
+        result: dict[str, Any] = self._check(await self.http.get("/v1/human-tasks", params=params))
+        return result
+
+    async def get_human_task(self, continuation_id: str) -> dict[str, Any]:
+        """``GET /v1/human-tasks/{continuation_id}``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/human-tasks/{continuation_id}"))
+        return result
+
+    async def resume_human_task(
+        self,
+        continuation_id: str,
+        request_id: str,
+        decision: str,
+        content: str | None = None,
+        selected_option: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/human-tasks/{continuation_id}/resume`` with one decision (approved, rejected, edited,
+        selected, provided)."""
+        payload: dict[str, Any] = {"request_id": request_id, "decision": decision}
+        if content is not None:
+            payload["content"] = content
+        if selected_option is not None:
+            payload["selected_option"] = selected_option
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        result: dict[str, Any] = self._check(
+            await self.http.post(f"/v1/human-tasks/{continuation_id}/resume", json=payload, headers=headers)
+        )
+        return result
+
+    async def sweep_human_tasks(self) -> dict[str, Any]:
+        """``POST /v1/human-tasks/sweep`` (admin): fire every due human-task timeout and run deadline now."""
+        result: dict[str, Any] = self._check(await self.http.post("/v1/human-tasks/sweep"))
+        return result
+
+    async def list_audit_events(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/audit-events`` (filters event_type, run_id, continuation_id, actor, since, until)."""
+        result: dict[str, Any] = self._check(await self.http.get("/v1/audit-events", params=params))
+        return result
+
+    async def cancel_run(self, run_id: str, reason: str | None = None) -> dict[str, Any]:
+        """``POST /v1/runs/{run_id}/cancel``."""
+        body = {"reason": reason} if reason is not None else None
+        result: dict[str, Any] = self._check(await self.http.post(f"/v1/runs/{run_id}/cancel", json=body))
+        return result
+
+    async def continue_run(
+        self, run_id: str, *, async_mode: bool = False, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{run_id}/continue``: a new run that goes on from the source's last completed step."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        resp = await self.http.post(f"/v1/runs/{run_id}/continue", json={"async_mode": async_mode}, headers=headers)
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    async def fork_run(
+        self,
+        run_id: str,
+        from_sequence: int,
+        *,
+        input: str | None = None,
+        step_outputs: dict[str, Any] | None = None,
+        async_mode: bool = False,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/runs/{run_id}/fork?from_sequence=N``: a new run from checkpoint ``N`` of the source."""
+        payload: dict[str, Any] = {"async_mode": async_mode}
+        if input is not None:
+            payload["input"] = input
+        if step_outputs is not None:
+            payload["step_outputs"] = step_outputs
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        resp = await self.http.post(
+            f"/v1/runs/{run_id}/fork", params={"from_sequence": from_sequence}, json=payload, headers=headers
+        )
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    async def run_recovery(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/recovery``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/recovery"))
+        return result
+
+    async def run_replay(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/replay``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/replay"))
+        return result
+
+    async def run_trace(self, run_id: str, **params: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/trace`` (``event_type``, ``limit``, ``offset``, ``sort_by``, ``sort_order``)."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/trace", params=params))
+        return result
+
+    async def run_checkpoints(self, run_id: str, **params: Any) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/checkpoints``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/checkpoints", params=params))
+        return result
+
+    async def checkpoint_diff(
+        self,
+        run_id: str,
+        *,
+        from_sequence: int | None = None,
+        to_sequence: int | None = None,
+        other_run_id: str | None = None,
+        other_sequence: int | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/checkpoints/diff`` (across runs with ``other_run_id``)."""
+        given = {
+            "from_sequence": from_sequence,
+            "to_sequence": to_sequence,
+            "other_run_id": other_run_id,
+            "other_sequence": other_sequence,
+        }
+        params = {k: v for k, v in given.items() if v is not None}
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/checkpoints/diff", params=params))
+        return result
+
     async def stream_run(
         self, run_id: str, last_event_id: str | None = None, max_reconnects: int = 10
     ) -> AsyncIterator[SseEvent]:

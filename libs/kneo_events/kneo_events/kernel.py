@@ -22,6 +22,7 @@ from kneo_events.errors import ConcurrencyConflict
 from kneo_events.schemas import (
     Command,
     CommandDeadLettered,
+    HumanContinueFailed,
     NewEvent,
     RecordedEvent,
     RunFailed,
@@ -169,6 +170,18 @@ class Kernel:
                 CommandDeadLettered(command_id=cmd.command_id, name=cmd.name, deliveries=deliveries, error=repr(exc))
             )
         ]
+        decision = (state or {}).get("human_decision") or {}
+        if cmd.name == "resume_human" and decision.get("reviewer") == "system" and state is not None:
+            # the approval an on_timeout: continue synthesized could not be carried out
+            events.append(
+                new_event(
+                    HumanContinueFailed(
+                        continuation_id=str(decision.get("continuation_id")),
+                        request_id=str(decision.get("request_id")),
+                        error=repr(exc)[:500],
+                    )
+                )
+            )
         if state is not None and state["status"] in ("queued", "running"):
             events.append(
                 new_event(RunFailed(error=f"command {cmd.name} failed repeatedly: {exc!r}", code="dead_lettered"))

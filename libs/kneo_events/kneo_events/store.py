@@ -185,7 +185,10 @@ class EventStore:
             and events
             and split_stream_id(stream_id)[0] == "run"
             # events that other projections (human tasks) follow take the transactional path with the projector
-            and not any(e.type.startswith("human.") or e.type in ("run.cancelled", "run.expired") for e in events)
+            and not any(
+                e.type.startswith("human.") or e.type in ("run.cancelled", "run.expired", "run.timed_out")
+                for e in events
+            )
         ):
             return await self._append_run(stream_id, events, expected_version, command_id, prior_state)
         if conn is None:
@@ -346,14 +349,17 @@ class EventStore:
         v = await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id)
         return int(v)
 
-    async def read_all(self, after: Position = START, limit: int = 500) -> list[RecordedEvent]:
+    async def read_all(
+        self, after: Position = START, limit: int = 500, conn: Conn | None = None
+    ) -> list[RecordedEvent]:
         """The next events of the global log after ``after``, in commit-safe order.
 
         Only events of transactions older than every transaction still running are returned, ordered by
         ``(tx_id, position)``; a later call can therefore never return an event that sorts before one already
-        returned. Follow it with ``after = Position(last.tx_id, last.position)``.
+        returned. Follow it with ``after = Position(last.tx_id, last.position)``. Pass ``conn`` to read inside a
+        projection's transaction.
         """
-        rows = await self.pool.fetch(
+        rows = await (conn or self.pool).fetch(
             f"""
             SELECT {_EVENT_COLUMNS} FROM events
             WHERE (tx_id, position) > ($1::text::xid8, $2::bigint)

@@ -97,6 +97,8 @@ def _tool(entry: str | Tool, spec: Spec) -> JSON:
 def _workflow(workflow: Workflow) -> JSON:
     kind = canonical_kind(workflow.kind)
     out: JSON = {"name": workflow.name, "kind": kind}
+    if workflow.timeout_seconds is not None:  # only when set: plans (and their hashes) stay as they were
+        out["timeout_seconds"] = workflow.timeout_seconds
     if kind == "graph":
         out.update(
             start=workflow.start,

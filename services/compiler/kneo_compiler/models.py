@@ -196,6 +196,8 @@ class Workflow(Strict):
     aggregation: Aggregation | None = None
     selector: Selector | None = None
     rounds: int | None = None
+    # run-level deadline: past it the run is force-cancelled as timed_out (a request's timeout_seconds wins)
+    timeout_seconds: float | None = Field(default=None, gt=0)
 
 
 class Spec(Strict):

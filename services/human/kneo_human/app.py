@@ -10,6 +10,11 @@ cancel that got there first.
 * ``continue``: ``human.continued`` + a synthesized ``human.decided`` (approved by ``system``); the runner goes on.
 * ``escalate``: ``human.escalated`` once (``escalated_at`` stamped); the run stays paused, the task resumable.
 
+The same timer enforces run-level deadlines (``timeout_seconds`` on the request or ``workflow.timeout_seconds`` in the
+spec; the fold keeps ``deadline_epoch`` in the run's state): a run still queued, running or paused past it gets
+``run.timed_out`` (terminal status ``timed_out``; a paused run's task is closed with ``human.cancelled``). Whichever
+deadline fires first wins: both are appended at the run's version, so the second finds the run changed.
+
 ``POST /v1/human-tasks/sweep`` asks one copy (request/reply ``kneo.rpc.human.sweep``) to do a pass now.
 """
 
@@ -28,11 +33,13 @@ from kneo_events.kernel import Kernel
 from kneo_events.schemas import (
     Command,
     EventPayload,
+    HumanCancelled,
     HumanContinued,
     HumanDecided,
     HumanEscalated,
     HumanExpired,
     RunExpired,
+    RunTimedOut,
     dumps,
     new_event,
     resume_human_command,
@@ -66,15 +73,22 @@ class HumanService(WorkerService):
     async def _loop(self) -> None:
         while True:
             try:
-                await self.sweep(time.time())
+                now = time.time()
+                await self.sweep_runs(now)
+                await self.sweep(now)
             except Exception:
                 self.log.exception("human timer pass failed")
             await asyncio.sleep(self.kernel.settings.human_timer_interval_seconds)
 
     async def _answer(self, msg: Msg) -> None:
         try:
-            fired = await self.sweep(time.time())
-            reply: dict[str, Any] = {"ok": True, "body": {"fired": fired, "count": len(fired)}}
+            now = time.time()
+            fired = await self.sweep(now)
+            timed_out = await self.sweep_runs(now)
+            reply: dict[str, Any] = {
+                "ok": True,
+                "body": {"fired": fired, "count": len(fired), "timed_out_runs": timed_out},
+            }
         except Exception as exc:
             self.log.exception("sweep failed")
             reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)[:500]}
@@ -99,6 +113,47 @@ class HumanService(WorkerService):
                     }
                 )
         return fired
+
+    async def sweep_runs(self, now: float) -> list[str]:
+        """Force-cancel every run still going past its run-level deadline (``run.timed_out``); returns their ids."""
+        rows = await self.kernel.store.pool.fetch(
+            "SELECT run_id FROM runs WHERE status IN ('queued', 'running', 'paused') AND state ? 'deadline_epoch' "
+            "AND (state->>'deadline_epoch')::double precision <= $1 "
+            "ORDER BY (state->>'deadline_epoch')::double precision LIMIT 100",
+            now,
+        )
+        return [r["run_id"] for r in rows if await self._time_out(r["run_id"])]
+
+    async def _time_out(self, run_id: str) -> bool:
+        stream_id = run_stream(run_id)
+        meta = {"actor": "system", "correlation_id": run_id, "causation_id": f"{run_id}:deadline"}
+        for _ in range(20):  # a running run moves on between our read and our append: read again
+            state = await self.kernel.store.get_run(run_id)
+            if state is None or state["status"] not in ("queued", "running", "paused"):
+                return False
+            timeout = state.get("timeout_seconds")
+            events: list[EventPayload] = []
+            awaiting = state.get("awaiting_human")
+            if state["status"] == "paused" and isinstance(awaiting, dict):
+                events.append(
+                    HumanCancelled(continuation_id=awaiting["continuation_id"], request_id=awaiting["request_id"])
+                )
+            events.append(
+                RunTimedOut(
+                    reason=f"run timed out after {timeout:g}s (timeout_seconds)" if timeout else "run timed out",
+                    timeout_seconds=timeout,
+                    deadline_epoch=state.get("deadline_epoch"),
+                )
+            )
+            try:
+                await self.kernel.commit(
+                    stream_id, [new_event(e, meta) for e in events], int(state["version"]), prior_state=state
+                )
+            except ConcurrencyConflict:
+                continue
+            self.log.info("run %s timed out", run_id)
+            return True
+        return False
 
     async def _fire(self, task: dict[str, Any]) -> bool:
         run_id, cid, rid = task["run_id"], task["continuation_id"], task["request_id"]

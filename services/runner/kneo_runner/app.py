@@ -58,6 +58,7 @@ class RunnerService(WorkerService):
                 self.cancelled.popitem(last=False)
 
         await self.kernel.bus.subscribe_core("kneo.evt.run.*.run.cancelled", on_cancel)
+        await self.kernel.bus.subscribe_core("kneo.evt.run.*.run.timed_out", on_cancel)  # a force-cancel too
 
     async def execute_step(self, cmd: Command, msg: Msg) -> None:
         """Run one scheduled step and record its outcome (return = ack, raise = retry with backoff)."""
@@ -130,8 +131,11 @@ class RunnerService(WorkerService):
                 step_index,
                 attempt,
                 sink,
-                self.kernel.settings.provider_timeout_seconds or self.kernel.settings.step_timeout_seconds,
+                # KNEO_SERV_PROVIDER_TIMEOUT_SECONDS bounds each provider request, not the step (which may take
+                # several model turns and tool calls)
+                self.kernel.settings.step_timeout_seconds,
                 self.allowed_packages,
+                settings=self.kernel.settings,
             )
             # still under the heartbeat: recording (and a concurrent run's aggregation) keeps the message ours
             await self._record(cmd, plan, state, step_index, attempt, turn, outcome)

@@ -199,7 +199,9 @@ async def _decide(
         )
     if body.decision == "selected" and body.selected_option not in (task["options"] or []):
         raise InvalidRequest(
-            "selected_option must be one of the task's options", field="selected_option", options=task["options"]
+            f"selected_option must be one of the task's options: {', '.join(task['options'] or []) or '(none)'}",
+            field="selected_option",
+            options=task["options"],
         )
     run_id = task["run_id"]
     state = await gw.kernel.store.get_run(run_id)

@@ -63,6 +63,7 @@ async def start_run(
         )
     spec, spec_path = await load_spec(gw, body.spec, body.spec_path)
     start = _RunStart(gw, request, body, spec, spec_path, principal.name)
+    start.route = route  # recorded in run.created's metadata (the audit log tells spec-run from POST /runs)
     if idempotency_key is None:
         status, out = await start.run(new_run_id())
         return JSONBody(out, status_code=status)
@@ -99,6 +100,7 @@ class _RunStart:
         )
         self.run_id: str | None = None
         self.created = False
+        self.route = "POST /runs"
 
     async def run(self, run_id: str) -> tuple[int, dict[str, Any]]:
         gw, body = self.gw, self.body
@@ -106,7 +108,7 @@ class _RunStart:
         self.request.state.run_id = run_id
         stream_id = run_stream(run_id)
         rid = self.request.state.request_id
-        meta = {"request_id": rid, "correlation_id": run_id, "actor": self.actor}
+        meta = {"request_id": rid, "correlation_id": run_id, "actor": self.actor, "route": self.route}
         created = RunCreated(
             run_id=run_id,
             input=body.input,
