@@ -16,7 +16,8 @@ from kneo_events.schemas import RecordedEvent, StepScheduled, event_types, new_e
 from kneo_events.settings import Settings
 from kneo_events.store import Position
 from kneo_runner.domain import StepErrored, StepSucceeded, decide, should_run
-from kneo_runner.engine import DummyProvider, render_prompt
+from kneo_runner.engine import render_prompt
+from kneo_runner.providers import DummyProvider, Message, TextDelta, TurnContext
 
 SPEC = {
     "version": "v1",
@@ -174,14 +175,18 @@ def test_next_command_for_reconciler() -> None:
 
 
 async def test_dummy_provider_is_deterministic_and_injects_failures() -> None:
-    p = DummyProvider()
-    one = [c async for c in p.stream(instructions=None, prompt="p", params={"chunks": 4}, seed="s", attempt=1)]
-    two = [c async for c in p.stream(instructions=None, prompt="p", params={"chunks": 4}, seed="s", attempt=1)]
+    # more in tests/unit/test_agent_loop.py (tool calls, the agent loop)
+    ctx = TurnContext(seed="s", step_id="one", attempt=1, turn=1)
+
+    async def texts(prompt: str, params: dict) -> list[str]:
+        items = DummyProvider({"params": params}).stream([Message("user", prompt)], [], ctx)
+        return [i.text async for i in items if isinstance(i, TextDelta)]
+
+    one, two = await texts("p", {"chunks": 4}), await texts("p", {"chunks": 4})
     assert one == two and len(one) == 5
-    other = [c async for c in p.stream(instructions=None, prompt="q", params={"chunks": 4}, seed="s", attempt=1)]
-    assert other != one
+    assert await texts("q", {"chunks": 4}) != one
     with pytest.raises(Exception, match="injected failure"):
-        _ = [c async for c in p.stream(instructions=None, prompt="p", params={"fail_attempts": 1}, seed="s", attempt=1)]
+        await texts("p", {"fail_attempts": 1})
 
 
 def test_render_prompt() -> None:

@@ -224,6 +224,46 @@ class StepRetrying(EventPayload):
 
 
 @register
+class StepToolCalled(EventPayload):
+    """An agent step called one of its tools during a model turn (recorded with the step's outcome).
+
+    ``turn`` is the model turn inside the step (1, 2, …), not the run's turn. ``arguments`` are redacted and
+    ``result_preview`` is the redacted, bounded start of what the model was shown (the error text when not ``ok``).
+    """
+
+    type: ClassVar[str] = "step.tool_called"
+    step_index: int
+    step_id: str
+    attempt: int = 1
+    turn: int
+    call_id: str | None = None
+    tool: str
+    arguments: JSON = Field(default_factory=dict)
+    ok: bool
+    result_preview: str = ""
+    result_chars: int = 0
+    duration_ms: float = 0.0
+
+
+@register
+class GuardrailFired(EventPayload):
+    """A guardrail of an agent step did something: ``blocked`` the step, ``rewrote`` the text, or ``warned``.
+
+    ``stage`` is ``input`` (the rendered prompt, before the model) or ``output`` (the final answer). Guardrails that
+    simply passed are not recorded.
+    """
+
+    type: ClassVar[str] = "guardrail.fired"
+    step_index: int
+    step_id: str
+    attempt: int = 1
+    stage: str
+    guardrail_id: str
+    action: str
+    reason: str | None = None
+
+
+@register
 class GraphEdgeTaken(EventPayload):
     """A graph workflow routed from one node to the next (which edge, which traversal, on which condition)."""
 

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     mcp_timeout_seconds: float | None = Field(
         default=None, gt=0, validation_alias=AliasChoices("KNEO_SERV_MCP_TIMEOUT_SECONDS")
     )
+    require_provider_secrets: bool = Field(
+        default=False, validation_alias=AliasChoices("KNEO_SERV_REQUIRE_PROVIDER_SECRETS")
+    )
+    tool_result_preview_chars: int = Field(
+        default=1000, ge=0, validation_alias=AliasChoices("KNEO_SERV_TOOL_RESULT_PREVIEW_CHARS")
+    )
 
     @field_validator("max_list_items")
     @classmethod

@@ -9,12 +9,14 @@ from kneo_events.redaction import redact
 from kneo_events.schemas import (
     CheckpointSaved,
     EventPayload,
+    GuardrailFired,
     RunFailed,
     RunSucceeded,
     StepCompleted,
     StepFailed,
     StepRetrying,
     StepScheduled,
+    StepToolCalled,
     step_command_id,
 )
 from kneo_runner.routing import after
@@ -24,19 +26,31 @@ JSON = dict[str, Any]
 
 @dataclass(frozen=True)
 class StepSucceeded:
-    """The step produced its final message."""
+    """The step produced its final message (``tool_calls`` / ``guardrails``: what happened on the way)."""
 
     output: Any
     chunks: int
     duration_ms: float
+    tool_calls: tuple[StepToolCalled, ...] = ()
+    guardrails: tuple[GuardrailFired, ...] = ()
 
 
 @dataclass(frozen=True)
 class StepErrored:
-    """The step raised; ``retryable`` says whether a retry could help."""
+    """The step raised; ``retryable`` says whether a retry could help. Tool calls and guardrails that fired
+    before the failure are facts of this attempt and are recorded too."""
 
     error: str
     retryable: bool = True
+    tool_calls: tuple[StepToolCalled, ...] = ()
+    guardrails: tuple[GuardrailFired, ...] = ()
+
+
+def _trace(outcome: StepSucceeded | StepErrored) -> list[EventPayload]:
+    """The attempt's tool calls and fired guardrails, in the order they happened (guardrails by stage)."""
+    inputs = [g for g in outcome.guardrails if g.stage == "input"]
+    outputs = [g for g in outcome.guardrails if g.stage != "input"]
+    return [*inputs, *outcome.tool_calls, *outputs]
 
 
 Outcome = StepSucceeded | StepErrored
@@ -116,16 +130,18 @@ def decide(
     turn = step_index if turn is None else turn
     if plan["workflow"].get("kind") == "concurrent":
         return _decide_branch(run_id, plan, state, step_index, attempt, outcome, retry_backoff_seconds, now, aggregate)
+    trace = _trace(outcome)
     if isinstance(outcome, StepSucceeded):
         events = _completed(step, step_index, attempt, outcome, state, {"next_step_index": step_index + 1})
         more, nxt = _advance(run_id, plan, state, step_index, turn, outcome.output)
-        return Decision(events + more, nxt)
+        return Decision(trace + events + more, nxt)
     max_attempts = 1 + int(step.get("max_retries") or 0)
     if outcome.retryable and attempt < max_attempts:
         backoff = retry_backoff_seconds * (2 ** (attempt - 1))
         nxt = _schedule(run_id, plan, step_index, attempt + 1, turn, not_before=round(now + backoff, 3))
         return Decision(
             [
+                *trace,
                 StepRetrying(
                     step_index=step_index,
                     step_id=step["id"],
@@ -146,9 +162,10 @@ def decide(
     )
     if step.get("on_error") == "continue":
         more, nxt = _advance(run_id, plan, state, step_index, turn, state.get("output_text"))
-        return Decision([failed, *more], nxt)
+        return Decision([*trace, failed, *more], nxt)
     return Decision(
         [
+            *trace,
             failed,
             RunFailed(error=f"step {step['id']} failed: {outcome.error}", code="step_failed", step_id=step["id"]),
         ],
@@ -199,8 +216,9 @@ def _decide_branch(
     """One branch of a concurrent fan-out finished; the last one to finish ends the run with the aggregate."""
     step = plan["steps"][step_index]
     last = is_last_branch(plan, state, step_index)
+    trace = _trace(outcome)
     if isinstance(outcome, StepSucceeded):
-        events = _completed(step, step_index, attempt, outcome, state)
+        events = trace + _completed(step, step_index, attempt, outcome, state)
     else:
         max_attempts = 1 + int(step.get("max_retries") or 0)
         if outcome.retryable and attempt < max_attempts:
@@ -209,14 +227,14 @@ def _decide_branch(
             retrying = StepRetrying(
                 step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt, backoff_seconds=backoff
             )
-            return Decision([retrying, nxt], nxt)
+            return Decision([*trace, retrying, nxt], nxt)
         failed = StepFailed(
             step_index=step_index, step_id=step["id"], error=outcome.error, attempt=attempt, retryable=outcome.retryable
         )
         if step.get("on_error") != "continue":
             error = f"branch {step['id']} failed: {outcome.error}"
-            return Decision([failed, RunFailed(error=error, code="step_failed", step_id=step["id"])], None)
-        events = [failed]
+            return Decision([*trace, failed, RunFailed(error=error, code="step_failed", step_id=step["id"])], None)
+        events = [*trace, failed]
     if not last:
         return Decision(events, None)
     text = aggregate if isinstance(aggregate, str) or aggregate is None else str(aggregate)
