@@ -607,13 +607,6 @@ class McpServer:
                 await anyio.sleep(self.backoff * 2 ** (attempt - 1))
             if await self._connect_once():
                 return True
-            log.warning(
-                "MCP server %s: connect attempt %d/%d failed: %s",
-                self.id,
-                attempt + 1,
-                self.retries + 1,
-                self.last_error,
-            )
         return False
 
     async def _connect_once(self) -> bool:
@@ -629,6 +622,7 @@ class McpServer:
             conn.error = f"timed out connecting after {limit}s"
         if conn.client is None or conn.error is not None:
             self.last_error = conn.error or "the connection closed"
+            log.warning("MCP server %s: cannot connect: %s", self.id, self.last_error)
             await self._disconnect()
             return False
         self.last_error = None
