@@ -373,11 +373,12 @@ class OpenAIProvider:
         self.model_name = str(model.get("name") or "")
         self.timeout = settings.timeout_seconds
         self.extra_body = api_params(params)
+        options: JSON = {} if settings.timeout_seconds is None else {"timeout": settings.timeout_seconds}
         self.client = openai.AsyncOpenAI(
             api_key=key,
             base_url=params.get("base_url") or None,
             max_retries=0,  # the runner retries (KNEO_SERV_PROVIDER_RETRIES), only before any output
-            timeout=settings.timeout_seconds if settings.timeout_seconds is not None else openai.NOT_GIVEN,
+            **options,
         )
 
     async def aclose(self) -> None:
@@ -490,11 +491,12 @@ class AnthropicProvider:
         extra = api_params(params)
         self.max_tokens = int(extra.pop("max_tokens", 1024))
         self.extra_body = extra
+        options: JSON = {} if settings.timeout_seconds is None else {"timeout": settings.timeout_seconds}
         self.client = anthropic.AsyncAnthropic(
             api_key=key,
             base_url=params.get("base_url") or None,
             max_retries=0,  # the runner retries (KNEO_SERV_PROVIDER_RETRIES), only before any output
-            timeout=settings.timeout_seconds if settings.timeout_seconds is not None else anthropic.NOT_GIVEN,
+            **options,
         )
 
     async def aclose(self) -> None:
