@@ -14,6 +14,7 @@ Every tool is offline and deterministic. ``pause`` exists to demonstrate ``KNEO_
 from __future__ import annotations
 
 import argparse
+import re
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -34,10 +35,12 @@ server: MCPServer = MCPServer(
 @server.tool()
 def lookup_fact(topic: str) -> str:
     """Look up a short fact about a topic (mcp, nats, postgres, kneo)."""
-    key = topic.strip().lower()
-    if key not in FACTS:
-        raise ToolError(f"no fact about {topic!r}; known topics: {', '.join(sorted(FACTS))}")
-    return FACTS[key]
+    words = re.findall(r"[a-z0-9]+", topic.lower())
+    # A known topic named anywhere in the text counts ("Look up: NATS" finds nats), so a model's loose phrasing works.
+    for key in words:
+        if key in FACTS:
+            return FACTS[key]
+    raise ToolError(f"no fact about {topic!r}; known topics: {', '.join(sorted(FACTS))}")
 
 
 @server.tool()

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from kneo_compiler.compile import build_plan
+from kneo_compiler.models import Spec
 from kneo_events.settings import Settings
 from kneo_runner.tools import ToolBox
 
@@ -152,6 +155,15 @@ async def test_http_lists_and_calls(http_server: HttpServer) -> None:
         error = await box.call("web__lookup_fact", {"topic": "fortran"})
     assert ok.ok and ok.content == "PostgreSQL is an open-source relational database first released in 1996."
     assert not error.ok and "no fact about 'fortran'" in error.content
+
+
+async def test_example_spec_calls_its_mcp_tool() -> None:
+    text = (ROOT / "examples" / "mcp_tools_workflow.yaml").read_text()
+    plan = build_plan(Spec.model_validate(yaml.safe_load(text)), None)
+    async with ToolBox.for_agent(plan["agent"], settings(), ("examples",)) as box:
+        assert [s.name for s in box.specs()] == ["lookup_fact", "facts__word_count"]
+        result = await box.call("lookup_fact", {"topic": "Look up: NATS"})
+    assert result.ok and result.content.startswith("NATS JetStream")
 
 
 # ------------------------------------------------------------------------------------------ env references
