@@ -20,6 +20,7 @@ import yaml
 from kneo_compiler.compile import build_plan
 from kneo_compiler.models import Spec
 from kneo_events.settings import Settings
+from kneo_runner.engine import execute_step
 from kneo_runner.tools import ToolBox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +165,24 @@ async def test_example_spec_calls_its_mcp_tool() -> None:
         assert [s.name for s in box.specs()] == ["lookup_fact", "facts__word_count"]
         result = await box.call("lookup_fact", {"topic": "Look up: NATS"})
     assert result.ok and result.content.startswith("NATS JetStream")
+
+
+async def test_example_run_step_calls_the_mcp_tool_end_to_end() -> None:
+    """The dummy provider calls the agent's tools: the example's first step goes through the MCP server."""
+    text = (ROOT / "examples" / "mcp_tools_workflow.yaml").read_text()
+    plan = build_plan(Spec.model_validate(yaml.safe_load(text)), None)
+    chunks: list[str] = []
+
+    async def sink(piece: str, index: int) -> None:
+        chunks.append(piece)
+
+    state = {"input": "nats", "step_outputs": {}}
+    outcome: Any = await execute_step(plan, state, 0, 1, sink, 60, ("examples",), settings=settings())
+    calls = {c.tool: c for c in outcome.tool_calls}
+    assert calls["lookup_fact"].ok
+    assert calls["lookup_fact"].result_preview.startswith("NATS JetStream")
+    assert calls["facts__word_count"].ok
+    assert "NATS JetStream" in outcome.output
 
 
 # ------------------------------------------------------------------------------------------ env references
