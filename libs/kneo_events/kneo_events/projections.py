@@ -188,6 +188,32 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         _set_status(s, "cancelled")
         s["next_step"] = None
         s["pending"] = {}
+    elif etype in ("run.continued", "run.forked"):
+        # A continuation or fork starts with the source run's state at a step boundary (its memory, not its status)
+        s.update(carried_state(d.get("carried") or {}))
+        link = {"run_id": d["source_run_id"], "step_id": d["from_step_id"], "step_index": d["from_step_index"]}
+        if etype == "run.forked":
+            s["metadata"] = {**s["metadata"], "forked_from": {**link, "sequence": d["sequence"]}}
+        else:
+            s["metadata"] = {**s["metadata"], "continued_from": link}
+
+
+# What a continuation or a fork carries over from its source run: everything a later step reads or extends.
+CARRIED_KEYS = (
+    "step_outputs",
+    "transcript",
+    "visited_steps",
+    "visited_nodes",
+    "turn",
+    "edge_counts",
+    "output_text",
+    "checkpoint_count",
+)
+
+
+def carried_state(state: JSON) -> JSON:
+    """The part of a run's state that a continuation or fork of it starts from (see :data:`CARRIED_KEYS`)."""
+    return {k: state[k] for k in CARRIED_KEYS if k in state}
 
 
 def _spec_workflow_name(spec: JSON) -> str | None:

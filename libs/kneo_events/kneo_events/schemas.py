@@ -400,6 +400,40 @@ class CommandDeadLettered(EventPayload):
     error: str
 
 
+class _RunBranched(EventPayload):
+    """A new run that starts where another run stood: it carries that run's state at a step boundary.
+
+    Recorded on the NEW run's stream, right after its ``run.created`` and ``run.compiled`` (the source run's plan)
+    and before the ``step.scheduled`` of ``from_step_id``: the source run is never changed (a terminal status never
+    changes). ``carried`` is the source's folded state at the boundary (step outputs, transcript, visited steps,
+    turn, graph edge counts, checkpoint count); ``turn`` is the turn ``from_step_id`` runs at.
+    """
+
+    source_run_id: str
+    source_version: int
+    from_step_index: int
+    from_step_id: str
+    turn: int
+    carried: JSON = Field(default_factory=dict)
+    actor: str | None = None
+
+
+@register
+class RunContinued(_RunBranched):
+    """``POST /v1/runs/{run_id}/continue``: the run continues a stopped one from its last completed step."""
+
+    type: ClassVar[str] = "run.continued"
+    source_status: str
+
+
+@register
+class RunForked(_RunBranched):
+    """``POST /v1/runs/{run_id}/fork``: the run re-runs another from its checkpoint ``sequence`` on."""
+
+    type: ClassVar[str] = "run.forked"
+    sequence: int
+
+
 # ---------------------------------------------------------------- governance
 
 
