@@ -246,7 +246,7 @@ async def test_replay_and_recovery_of_a_succeeded_run(platform: Any) -> None:
             "resume_input": out["summarize"],
             "next_step_index": 3,
             "can_continue": False,
-            "reason": "the run's status is succeeded; only a failed run can continue",
+            "reason": "the run's status is succeeded; only a failed, cancelled or timed-out run can continue",
         }
         assert (await http.get(f"/runs/{run_id}/recovery")).json() == recovery, "legacy alias"
 
@@ -377,7 +377,7 @@ async def test_replay_and_recovery_of_a_failed_run(platform: Any) -> None:
         }
 
 
-async def test_recovery_of_a_graph_run_cannot_continue(platform: Any) -> None:
+async def test_recovery_of_a_graph_run_stopped_by_its_iteration_limit(platform: Any) -> None:
     async with httpx.AsyncClient(base_url=platform.url, timeout=60) as http:
         run_id, events = await _run(http, spec=LOOP)
         recovery = (await http.get(f"/v1/runs/{run_id}/recovery")).json()
@@ -391,7 +391,8 @@ async def test_recovery_of_a_graph_run_cannot_continue(platform: Any) -> None:
             "resume_input": draft,
             "next_step_index": 1,
             "can_continue": False,
-            "reason": "continuation is limited to sequential workflows (this run is graph)",
+            # graph runs can continue (test_run_lineage.py), but this one stopped at max_iterations, not in a step
+            "reason": "the run stopped outside a step (spec, compile or workflow limit): there is no step to continue from",
         }
         replay = (await http.get(f"/v1/runs/{run_id}/replay")).json()
         edges = [e for e in replay["timeline"] if e["type"] == "graph.edge_taken"]

@@ -16,11 +16,18 @@ from kneo_gateway.live import LiveHub
 from kneo_gateway.middleware import BodyLimit, RequestContext
 from kneo_gateway.ratelimit import RateLimiter
 from kneo_gateway.responses import COMMON_ERRORS, JSONBody
-from kneo_gateway.routers import governance, health, human, runs, specs
+from kneo_gateway.routers import governance, health, human, lineage, runs, specs
 from kneo_gateway.routers import inspect as run_inspection
 from kneo_gateway.state import Gateway
 
-VERSIONED = (runs.router, specs.router, governance.router, run_inspection.router, human.router)
+VERSIONED = (
+    runs.router,
+    lineage.router,
+    specs.router,
+    governance.router,
+    run_inspection.router,
+    human.router,
+)
 
 
 def create_app(kernel: Kernel) -> FastAPI:

@@ -17,6 +17,7 @@ from kneo_events.projections import fold_run
 from kneo_events.redaction import redact
 from kneo_events.schemas import RecordedEvent, dumps
 from kneo_gateway.auth import require
+from kneo_gateway.lineage import continuation_point
 from kneo_gateway.paging import page_params
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.state import Gateway
@@ -27,7 +28,6 @@ JSON = dict[str, Any]
 CHECKPOINT_SORT_FIELDS = ("sequence", "created_at")
 TRACE_SORT_FIELDS = ("version", "recorded_at")
 CHECKPOINT_TYPE = "step"  # every checkpoint.saved is a step (or graph node) boundary
-CONTINUABLE_KINDS = frozenset({"sequential"})
 _ERROR_EVENTS = frozenset({"step.retrying", "step.failed", "run.failed", "command.dead_lettered"})
 _QUIET_EVENTS = frozenset({"step.scheduled", "step.started"})  # left out of the replay timeline
 
@@ -145,41 +145,39 @@ def checkpoints_of(points: list[EventPoint], limits: PreviewLimits) -> list[JSON
 
 
 def recovery_context(events: list[RecordedEvent], state: JSON) -> JSON:
-    """Where a run stands for a continuation: completed steps, the failed step, the next step and its input."""
+    """Where a run stands for a continuation: completed steps, the failed step, the next step and its input.
+
+    ``completed_steps`` include the steps a continuation or fork carried over from its source run.
+    """
+    cont = continuation_point(events)
     completed = [ev.data for ev in events if ev.type == "step.completed"]
-    failed = next((ev.data for ev in reversed(events) if ev.type == "run.failed"), None)
-    failed_step_id = failed.get("step_id") if failed else None
-    failed_index = next(
-        (
-            e.data["step_index"]
-            for e in reversed(events)
-            if e.type == "step.failed" and e.data["step_id"] == failed_step_id
-        ),
-        None,
-    )
-    if failed_index is not None:
-        next_index = int(failed_index)
+    if cont.start is not None:
+        next_index = cont.start.step_index
     else:
-        next_index = int(completed[-1]["step_index"]) + 1 if completed else 0
-    resume_input = completed[-1].get("output") if completed else state.get("input")
-    status, kind = state["status"], state.get("workflow_kind")
-    reason: str | None = None
-    if status != "failed":
-        reason = f"the run's status is {status}; only a failed run can continue"
-    elif kind not in CONTINUABLE_KINDS:
-        reason = f"continuation is limited to sequential workflows (this run is {kind or 'not compiled'})"
-    elif failed_step_id is None:
-        reason = "the run failed outside a step (spec, compile or workflow limit): there is no step to retry"
+        failed_index = next(
+            (
+                e.data["step_index"]
+                for e in reversed(events)
+                if e.type == "step.failed" and e.data["step_id"] == cont.failed_step
+            ),
+            None,
+        )
+        if failed_index is not None:
+            next_index = int(failed_index)
+        else:
+            next_index = int(completed[-1]["step_index"]) + 1 if completed else 0
+    transcript = state.get("transcript") or []
+    resume_input = transcript[-1].get("output") if transcript else state.get("input")
     return {
         "run_id": state["run_id"],
-        "status": status,
-        "workflow_kind": kind,
-        "completed_steps": [c["step_id"] for c in completed],
-        "failed_step": failed_step_id,
+        "status": state["status"],
+        "workflow_kind": state.get("workflow_kind"),
+        "completed_steps": list(state.get("visited_steps") or []),
+        "failed_step": cont.failed_step,
         "resume_input": redact(resume_input),
         "next_step_index": next_index,
-        "can_continue": reason is None,
-        "reason": reason,
+        "can_continue": cont.start is not None,
+        "reason": cont.reason,
     }
 
 
@@ -249,17 +247,63 @@ def diff_states(old: Any, new: Any) -> JSON:
     }
 
 
+def _checkpoint_states(events: list[RecordedEvent]) -> dict[int, Any]:
+    return {int(ev.data["sequence"]): ev.data.get("state") or {} for ev in events if ev.type == "checkpoint.saved"}
+
+
+def _pick(states: dict[int, Any], sequence: int | None, run_id: str, field: str) -> int:
+    """``sequence`` if the run has it, else (when not given) the run's latest checkpoint."""
+    available = sorted(states)
+    if not available:
+        raise InvalidRequest(f"run {run_id} has no checkpoint to compare", field=field, checkpoints=0)
+    if sequence is None:
+        return available[-1]
+    if sequence not in states:
+        raise InvalidRequest(
+            f"checkpoint sequence {sequence} does not exist in run {run_id}", field=field, available=available
+        )
+    return sequence
+
+
 @router.get("/runs/{run_id}/checkpoints/diff")
 async def diff_checkpoints(
     run_id: str,
     request: Request,
     from_sequence: Annotated[int | None, Query()] = None,
     to_sequence: Annotated[int | None, Query()] = None,
+    other_run_id: Annotated[str | None, Query(max_length=200)] = None,
+    other_sequence: Annotated[int | None, Query()] = None,
 ) -> JSONBody:
     """Compare two checkpoint states: the latest two by default; ``to_sequence`` defaults to the latest and
-    ``from_sequence`` to the checkpoint before ``to_sequence``."""
+    ``from_sequence`` to the checkpoint before ``to_sequence``.
+
+    Across runs (e.g. a fork and its source): with ``other_run_id``, checkpoint ``from_sequence`` of this run
+    (default: its latest) is compared with checkpoint ``other_sequence`` of the other run (default: its latest).
+    """
     events = await load_stream(request, run_id)
-    states = {int(ev.data["sequence"]): ev.data.get("state") or {} for ev in events if ev.type == "checkpoint.saved"}
+    states = _checkpoint_states(events)
+    if other_run_id is not None:
+        if to_sequence is not None:
+            raise InvalidRequest(
+                "with other_run_id, name the other run's checkpoint with other_sequence", field="to_sequence"
+            )
+        other_events = await _gw(request).kernel.store.read_stream(run_stream(other_run_id))
+        if not other_events:
+            raise NotFound(f"run {other_run_id} not found", run_id=other_run_id)
+        others = _checkpoint_states(other_events)
+        from_seq = _pick(states, from_sequence, run_id, "from_sequence")
+        other_seq = _pick(others, other_sequence, other_run_id, "other_sequence")
+        return JSONBody(
+            {
+                "run_id": run_id,
+                "from_sequence": from_seq,
+                "other_run_id": other_run_id,
+                "other_sequence": other_seq,
+                **diff_states(states[from_seq], others[other_seq]),
+            }
+        )
+    if other_sequence is not None:
+        raise InvalidRequest("other_sequence needs other_run_id", field="other_sequence")
     available = sorted(states)
     if len(available) < 2:
         raise InvalidRequest(
@@ -299,7 +343,7 @@ def timeline_entry(point: EventPoint, limits: PreviewLimits) -> JSON:
         "position": ev.version,
         "sequence": d.get("sequence") if ev.type == "checkpoint.saved" else None,
         "type": ev.type,
-        "step_id": d.get("target") if ev.type == "graph.edge_taken" else d.get("step_id"),
+        "step_id": d.get("target") if ev.type == "graph.edge_taken" else d.get("step_id", d.get("from_step_id")),
         "status": point.state["status"],
         "at": ev.recorded_at.isoformat(),
         "error": cut_text(d.get("error"), limits) if ev.type in _ERROR_EVENTS else None,
