@@ -5,7 +5,9 @@ The HTTP server is a subprocess on a free loopback port, polled for readiness an
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -278,6 +280,35 @@ async def test_server_that_exits_is_unavailable_not_a_crash(caplog: pytest.LogCa
     connects = [r for r in caplog.records if r.getMessage().startswith("MCP server dead: cannot connect")]
     assert len(connects) == 2 + 2  # two at start (1 + 1 retry), then a reconnect per call attempt
     assert alive.ok and alive.content == "4"  # one dead server does not take the others down
+
+
+def _stdio_servers_of_this_process() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and SERVER.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_cancelled_step_mid_call_stops_the_stdio_server() -> None:
+    assert _stdio_servers_of_this_process() == []
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(3):  # the engine bounds a step the same way
+            async with ToolBox.for_agent(agent(stdio()), settings(), ()) as box:
+                assert _stdio_servers_of_this_process() != []
+                await box.call("facts__pause", {"seconds": 60})
+    deadline = time.monotonic() + 15
+    while _stdio_servers_of_this_process():
+        assert time.monotonic() < deadline, "the stdio MCP server outlived its ToolBox"
+        await asyncio.sleep(0.05)
 
 
 async def test_missing_command_is_unavailable() -> None:
