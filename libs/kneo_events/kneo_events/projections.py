@@ -91,6 +91,9 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         spec = d.get("spec") or {}
         s["workflow_name"] = _spec_workflow_name(spec)
         s["agent_name"] = _spec_agent_name(spec)
+        if d.get("timeout_seconds"):  # the run-level deadline (the human service's timer enforces it)
+            s["timeout_seconds"] = float(d["timeout_seconds"])
+            s["deadline_epoch"] = at.timestamp() + float(d["timeout_seconds"])
     elif etype == "run.compiled":
         s["agent_name"] = d.get("agent_name") or s["agent_name"]
         s["workflow_name"] = d.get("workflow_name") or s["workflow_name"]
@@ -101,6 +104,10 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             "plan_hash": d.get("plan_hash"),
             "workflow_kind": d.get("workflow_kind"),
         }
+        spec_timeout = ((d.get("plan") or {}).get("workflow") or {}).get("timeout_seconds")
+        if spec_timeout and not s.get("deadline_epoch") and s.get("created_at"):  # the request's value wins
+            s["timeout_seconds"] = float(spec_timeout)
+            s["deadline_epoch"] = datetime.fromisoformat(s["created_at"]).timestamp() + float(spec_timeout)
     elif etype == "step.scheduled":
         scheduled = {
             "step_index": d["step_index"],
@@ -184,6 +191,14 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         _set_status(s, "expired")
         s["next_step"] = None
         s["pending"] = {}
+    elif etype == "run.timed_out":
+        if s["status"] not in TERMINAL_STATUSES:
+            s["error"] = d.get("reason")
+            s["metadata"] = {k: v for k, v in s["metadata"].items() if k != "pending_human_request"}
+            s["awaiting_human"] = None
+        _set_status(s, "timed_out")
+        s["next_step"] = None
+        s["pending"] = {}
     elif etype == "run.cancelled":
         _set_status(s, "cancelled")
         s["next_step"] = None
@@ -235,7 +250,7 @@ async def project_run(conn: Conn, stream_id: str, events: list[RecordedEvent]) -
         return
     await _upsert_run(conn, run_id, state)
     for ev in events:
-        if ev.type.startswith("human.") or ev.type in ("run.cancelled", "run.expired"):
+        if ev.type.startswith("human.") or ev.type in ("run.cancelled", "run.expired", "run.timed_out"):
             await _project_human_task(conn, run_id, state, ev)
         if ev.type == "run.compiled":
             await conn.execute(
@@ -288,7 +303,7 @@ async def _project_human_task(conn: Conn, run_id: str, state: JSON, ev: Recorded
             d["continuation_id"],
             ev.recorded_at,
         )
-    elif ev.type in ("human.cancelled", "run.cancelled"):  # close what is still open
+    elif ev.type in ("human.cancelled", "run.cancelled", "run.timed_out"):  # close what is still open
         await conn.execute(
             "UPDATE human_tasks SET status = 'cancelled', updated_at = $2 WHERE run_id = $1 AND status = 'pending'",
             run_id,

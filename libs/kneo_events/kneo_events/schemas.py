@@ -334,6 +334,16 @@ class HumanContinued(EventPayload):
 
 
 @register
+class HumanContinueFailed(EventPayload):
+    """The approval synthesized by ``on_timeout: continue`` could not be carried out (the resume kept failing)."""
+
+    type: ClassVar[str] = "human.continue_failed"
+    continuation_id: str
+    request_id: str
+    error: str
+
+
+@register
 class HumanEscalated(EventPayload):
     """A human request passed its deadline with ``on_timeout: escalate``: marked once, still resumable."""
 
@@ -387,6 +397,16 @@ class RunCancelled(EventPayload):
 
     type: ClassVar[str] = "run.cancelled"
     reason: str | None = None
+
+
+@register
+class RunTimedOut(EventPayload):
+    """The run passed its run-level deadline (``timeout_seconds``) and was force-cancelled (a terminal status)."""
+
+    type: ClassVar[str] = "run.timed_out"
+    reason: str
+    timeout_seconds: float | None = None
+    deadline_epoch: float | None = None
 
 
 @register

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         default=1.0, gt=0, validation_alias=AliasChoices("KNEO_HUMAN_TIMER_INTERVAL_SECONDS")
     )
 
+    # --- audit service: a pass on every audited event it hears of, and at least this often
+    audit_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, validation_alias=AliasChoices("KNEO_AUDIT_POLL_INTERVAL_SECONDS")
+    )
+
     # --- runner
     function_packages: str = Field(default="examples", validation_alias=AliasChoices("KNEO_SERV_FUNCTION_PACKAGES"))
     step_timeout_seconds: float = Field(

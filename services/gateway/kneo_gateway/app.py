@@ -16,7 +16,7 @@ from kneo_gateway.live import LiveHub
 from kneo_gateway.middleware import BodyLimit, RequestContext
 from kneo_gateway.ratelimit import RateLimiter
 from kneo_gateway.responses import COMMON_ERRORS, JSONBody
-from kneo_gateway.routers import governance, health, human, lineage, runs, specs
+from kneo_gateway.routers import audit, governance, health, human, lineage, runs, specs
 from kneo_gateway.routers import inspect as run_inspection
 from kneo_gateway.state import Gateway
 
@@ -27,6 +27,7 @@ VERSIONED = (
     governance.router,
     run_inspection.router,
     human.router,
+    audit.router,
 )
 
 
