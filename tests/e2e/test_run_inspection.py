@@ -3,13 +3,16 @@ trace are read-only views of the run's stream (real NATS + PostgreSQL, every ser
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import yaml
 
 from kneo_gateway.routers.inspect import PreviewLimits, bounded_payload, diff_states, flatten, preview_value
 
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = "examples/research_agent.yaml"
 STEPS = ["retrieve", "analyze", "summarize"]
 # Step one fails once then succeeds (a retry before the first checkpoint); step two always fails (5 > 1 attempt).
@@ -56,7 +59,11 @@ async def _run(http: httpx.AsyncClient, **body: Any) -> tuple[str, list[dict[str
 
 
 async def _research(http: httpx.AsyncClient) -> tuple[str, list[dict[str, Any]]]:
-    return await _run(http, spec_path=SPEC, environment="prod")
+    # The example with its tools left uncalled: these tests pin the event positions of a plain three-step run
+    # (tool calls and their step.tool_called events are covered in tests/integration/test_provider_fakes.py).
+    spec = yaml.safe_load((ROOT / SPEC).read_text())
+    spec["agent"]["model"]["params"]["call_tools"] = False
+    return await _run(http, spec=yaml.safe_dump(spec), environment="prod")
 
 
 def _outputs(events: list[dict[str, Any]]) -> dict[str, Any]:

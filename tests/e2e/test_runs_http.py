@@ -56,7 +56,7 @@ async def test_sync_run_returns_terminal_body(platform: Any) -> None:
         assert body["run_id"].startswith("run_") and len(body["run_id"].split("_")[-1]) == 8
         assert body["human_intervention_required"] is False and body["continuation_id"] is None
         assert body["metadata"]["workflow_kind"] == "sequential"
-        assert body["metadata"]["trace_event_count"] == 12
+        assert body["metadata"]["trace_event_count"] == 18  # 12, plus the dummy's two tool calls per step
         assert "Summarize for an executive" in body["output_text"]
         assert resp.headers["x-request-id"]
 
@@ -70,21 +70,11 @@ async def test_sync_run_returns_terminal_body(platform: Any) -> None:
 
         history = (await http.get(f"/v1/runs/{body['run_id']}/events")).json()
         types = [e["type"] for e in history["events"]]
-        assert types == [
-            "run.created",
-            "run.compiled",
-            "step.scheduled",
-            "step.completed",
-            "checkpoint.saved",
-            "step.scheduled",
-            "step.completed",
-            "checkpoint.saved",
-            "step.scheduled",
-            "step.completed",
-            "checkpoint.saved",
-            "run.succeeded",
-        ]
-        assert [e["version"] for e in history["events"]] == list(range(1, 13))
+        step = ["step.scheduled", "step.tool_called", "step.tool_called", "step.completed", "checkpoint.saved"]
+        assert types == ["run.created", "run.compiled", *step, *step, *step, "run.succeeded"]
+        tools = [(e["data"]["step_id"], e["data"]["tool"], e["data"]["ok"]) for e in history["events"][3:5]]
+        assert tools == [("retrieve", "web_search", True), ("retrieve", "webpage_reader", True)]
+        assert [e["version"] for e in history["events"]] == list(range(1, 19))
         assert {e["metadata"].get("request_id") for e in history["events"]} == {resp.headers["x-request-id"]}
 
 
@@ -109,9 +99,9 @@ async def test_sse_streams_history_then_live_output_and_ends(platform: Any) -> N
     kinds = [e.event for e in seen]
     assert kinds[0] == "run.created" and kinds[-1] == "run.succeeded"
     outputs = [e for e in seen if e.event == "output"]
-    assert len(outputs) == 3 * 9  # 8 chunks plus the heading piece, per step
+    assert len(outputs) == 3 * 10  # 8 chunks, the heading piece and the tool results piece, per step
     event_ids = [int(e.id) for e in seen if e.event != "output"]
-    assert event_ids == list(range(1, 13)), "every event once, in order"
+    assert event_ids == list(range(1, 19)), "every event once, in order"
     # chunk ids are <version>.<seq> of the step.scheduled they follow
     first = outputs[0]
     assert first.id == "3.0" and first.json()["step_id"] == "retrieve"
