@@ -11,6 +11,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kneo_events.ids import new_request_id
+from kneo_gateway.errors import render
 
 log = logging.getLogger("kneo.service")
 
@@ -86,7 +87,7 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await self._reject(send)
+                    await self._reject(scope, send)
                     return
         # Read the whole body up front (bounded), then replay it: the limit holds whatever the headers say.
         chunks: list[bytes] = []
@@ -99,14 +100,15 @@ class BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, send)
                 return
             chunks.append(body)
             more = message.get("more_body", False)
         payload = b"".join(chunks)
         problem = _json_text_problem(payload) if payload and _is_json(scope) else None
         if problem:
-            await _send_json(send, 400, {"error": "invalid_request", "message": problem, "field": "body"})
+            body = render(scope["path"], 400, "invalid_request", problem, {"field": "body"})
+            await _send_json(send, 400, body)
             return
         sent = False
 
@@ -119,14 +121,15 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         body = orjson.dumps(
-            {
-                "error": "payload_too_large",
-                "message": f"request body exceeds {self.max_bytes} bytes",
-                "limit": self.max_bytes,
-                "field": "body",
-            }
+            render(
+                scope["path"],
+                413,
+                "payload_too_large",
+                f"request body exceeds {self.max_bytes} bytes",
+                {"limit": self.max_bytes, "field": "body"},
+            )
         )
         await send(
             {
