@@ -32,6 +32,7 @@ EXPECTED_LINT = {
     "group_chat_workflow.yaml": [],
     "human_approval_workflow.yaml": [],
     "legacy_agent.yaml": ["W_SPEC_MIGRATION_NEEDED"],
+    "mcp_tools_workflow.yaml": [],
     "research_agent.yaml": [],
     "smoke_human_workflow.yaml": [],
 }

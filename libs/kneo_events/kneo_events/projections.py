@@ -58,7 +58,13 @@ def fold_run(state: JSON | None, events: Iterable[RecordedEvent]) -> JSON:
     """Fold run events into state (pure: no I/O, no clock; a terminal status never changes)."""
     s: JSON = dict(state) if state is not None else initial_run_state()
     for ev in events:
+        before = s["status"]
         _apply(s, ev.type, ev.data, ev.recorded_at)
+        if s["status"] != before:  # when it started doing something, and when it ended
+            if before == "queued" and not s.get("started_at"):
+                s["started_at"] = ev.recorded_at.isoformat()
+            if s["status"] in TERMINAL_STATUSES and not s.get("finished_at"):
+                s["finished_at"] = ev.recorded_at.isoformat()
         s["version"] = ev.version
         s["trace_event_count"] = int(s["trace_event_count"]) + 1
         s["updated_at"] = ev.recorded_at.isoformat()
