@@ -15,19 +15,11 @@ from typing import Any
 import httpx
 import orjson
 
+from kneo_client.errors import ServiceError as ServiceError  # re-exported: existing callers import it from here
+from kneo_client.errors import error_for
+from kneo_client.transport import ClientSettings, RetryTransport
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-class ServiceError(Exception):
-    """The service answered with an error envelope."""
-
-    def __init__(self, status: int, body: Any) -> None:
-        self.status = status
-        self.body = body
-        code = body.get("error") if isinstance(body, dict) else None
-        message = body.get("message") if isinstance(body, dict) else str(body)
-        super().__init__(f"{status} {code or ''}: {message}".strip())
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -50,13 +42,42 @@ def _api_key() -> str | None:
 class AsyncServiceClient:
     """Async client for the Kneo face."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        retry_backoff_seconds: float | None = None,
+        idempotency_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Connect to ``base_url`` with ``api_key`` (default ``KNEO_API_KEY`` / ``KNEO_SERV_API_KEY``).
+
+        ``timeout``, ``retries``, ``retry_backoff_seconds`` and ``idempotency_key`` default to
+        ``KNEO_SERV_CLIENT_TIMEOUT`` (120), ``KNEO_SERV_CLIENT_RETRIES`` (2),
+        ``KNEO_SERV_CLIENT_RETRY_BACKOFF_SECONDS`` (0.25) and ``KNEO_SERV_IDEMPOTENCY_KEY`` (a fresh key per POST);
+        see :mod:`kneo_client.transport` for what is retried.
+        """
         headers = {}
         key = api_key or _api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        given: dict[str, Any] = {
+            "timeout": timeout,
+            "retries": retries,
+            "retry_backoff_seconds": retry_backoff_seconds,
+            "idempotency_key": idempotency_key,
+        }
+        self.settings = ClientSettings(**{k: v for k, v in given.items() if v is not None})
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=self.settings.timeout,
+            transport=RetryTransport(transport or httpx.AsyncHTTPTransport(), self.settings),
+        )
 
     async def __aenter__(self) -> AsyncServiceClient:
         return self
@@ -75,7 +96,7 @@ class AsyncServiceClient:
         except ValueError:
             body = resp.text
         if resp.status_code >= 400:
-            raise ServiceError(resp.status_code, body)
+            raise error_for(resp.status_code, body, dict(resp.headers))
         return body
 
     async def create_run(
@@ -115,6 +136,58 @@ class AsyncServiceClient:
     async def run_events(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/events``."""
         result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/events"))
+        return result
+
+    # ------------------------------------------------------------------ specs and health
+
+    async def _spec_call(
+        self, operation: str, spec: str | dict[str, Any] | None, spec_path: str | None, environment: str | None
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"environment": environment}
+        if spec is not None:
+            payload["spec"] = spec
+        if spec_path is not None:
+            payload["spec_path"] = spec_path
+        result: dict[str, Any] = self._check(await self.http.post(f"/v1/specs/{operation}", json=payload))
+        return result
+
+    async def validate_spec(
+        self, spec: str | dict[str, Any] | None = None, *, spec_path: str | None = None, environment: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/specs/validate``: ``{"valid", "diagnostics", "report"}`` for an inline spec or a spec path."""
+        return await self._spec_call("validate", spec, spec_path, environment)
+
+    async def compile_spec(
+        self, spec: str | dict[str, Any] | None = None, *, spec_path: str | None = None, environment: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/specs/compile``: ``{"valid", "diagnostics", "plan"}``."""
+        return await self._spec_call("compile", spec, spec_path, environment)
+
+    async def explain_spec(
+        self, spec: str | dict[str, Any] | None = None, *, spec_path: str | None = None, environment: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/specs/explain``."""
+        return await self._spec_call("explain", spec, spec_path, environment)
+
+    async def spec_policy_report(
+        self, spec: str | dict[str, Any] | None = None, *, spec_path: str | None = None, environment: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/specs/policy-report``: ``{"valid", "report"}``."""
+        return await self._spec_call("policy-report", spec, spec_path, environment)
+
+    async def run_policy_report(self, run_id: str) -> dict[str, Any]:
+        """``GET /v1/runs/{run_id}/policy-report``: the policy report of the spec the run was started with."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/policy-report"))
+        return result
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /v1/healthz``."""
+        result: dict[str, Any] = self._check(await self.http.get("/v1/healthz"))
+        return result
+
+    async def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: the readiness checks (raises :class:`ServiceUnavailable` with them when not ready)."""
+        result: dict[str, Any] = self._check(await self.http.get("/readyz"))
         return result
 
     # ------------------------------------------------------------------ human tasks and the audit log
