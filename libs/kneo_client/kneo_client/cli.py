@@ -13,13 +13,17 @@ import orjson
 import typer
 from rich.console import Console
 
+from kneo_client.config_cli import config_app
 from kneo_client.human_cli import audit_app, human_app
+from kneo_client.profiles import Connection
+from kneo_client.remote import Profile, ServiceUrl, connection, with_client
 from kneo_client.sdk import AsyncServiceClient, ServiceError
 from kneo_client.spec_cli import spec_app
 
 app = typer.Typer(help="Kneo Agent Platform CLI", no_args_is_help=True, pretty_exceptions_enable=False)
 service_app = typer.Typer(help="Run or manage the Kneo service", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect runs", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 app.add_typer(spec_app, name="spec")
 app.add_typer(service_app, name="service")
 app.add_typer(runs_app, name="runs")
@@ -49,8 +53,9 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _service_url(explicit: str | None) -> str | None:
-    return explicit or os.environ.get("KNEO_SERV_URL") or os.environ.get("KNEO_SERVICE_URL") or None
+def _service_url(explicit: str | None, profile: str | None = None) -> str | None:
+    """The service URL by the profiles precedence (None: no service chosen, run in-process)."""
+    return connection(explicit, profile, default=None).url
 
 
 # ----------------------------------------------------------------------------- service
@@ -126,11 +131,11 @@ def run_service(
 
 
 @service_app.command("status")
-def status(service_url: Annotated[str | None, typer.Option("--service-url")] = None) -> None:
+def status(service_url: ServiceUrl = None, profile: Profile = None) -> None:
     """Show whether the service answers and its readiness checks."""
     import httpx
 
-    url = _service_url(service_url) or "http://127.0.0.1:8000"
+    url = _service_url(service_url, profile) or "http://127.0.0.1:8000"
     try:
         resp = httpx.get(f"{url}/readyz", timeout=5)
     except httpx.TransportError:
@@ -241,6 +246,7 @@ def run_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the final state as JSON.")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the run's output live.")] = False,
     service_url: Annotated[str | None, typer.Option("--service-url", help="Kneo service to use.")] = None,
+    profile: Profile = None,
 ) -> None:
     """Run an agent/workflow spec: on a service when one is given, else on an in-process embedded platform.
 
@@ -248,9 +254,9 @@ def run_cmd(
     checked first: a spec the policy refuses is not submitted (exit 1).
     """
     _enforce_project_policy(spec, env)
-    url = _service_url(service_url)
-    if url:
-        state = asyncio.run(_run_remote(url, spec, run_input, env, target, follow, as_json))
+    conn = connection(service_url, profile, default=None)
+    if conn.url:
+        state = asyncio.run(_run_remote(conn, spec, run_input, env, target, follow, as_json))
     else:
         state = _run_local(spec, run_input, env, target, follow, as_json)
     _print_run(state, as_json)
@@ -258,7 +264,7 @@ def run_cmd(
 
 
 async def _run_remote(
-    url: str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool, as_json: bool
+    url: Connection | str, spec: Path, run_input: str | None, env: str | None, target: str, follow: bool, as_json: bool
 ) -> dict[str, Any]:
     result: dict[str, Any] = await _with_client(
         url, lambda client: _submit_and_follow(client, spec, run_input, env, target, follow, as_json)
@@ -266,19 +272,9 @@ async def _run_remote(
     return result
 
 
-async def _with_client(url: str, call: Callable[[AsyncServiceClient], Awaitable[Any]]) -> Any:
+async def _with_client(url: Connection | str, call: Callable[[AsyncServiceClient], Awaitable[Any]]) -> Any:
     """Run ``call`` with a client; service errors become one readable line and a distinct exit code."""
-    import httpx
-
-    async with AsyncServiceClient(url) as client:
-        try:
-            return await call(client)
-        except httpx.TransportError:
-            err.print(f"kneo: no service answers at {url}; start one with `kneo service serve`")
-            raise typer.Exit(EXIT_UNREACHABLE) from None
-        except ServiceError as exc:
-            err.print(f"kneo: {exc}")
-            raise typer.Exit(_exit_for(exc)) from None
+    return await with_client(url, call)
 
 
 def _exit_for(exc: ServiceError) -> int:
@@ -366,22 +362,22 @@ def demo(
 # ----------------------------------------------------------------------------- runs
 
 
-def _remote(service_url: str | None) -> str:
-    return _service_url(service_url) or "http://127.0.0.1:8000"
+def _remote(service_url: str | None, profile: str | None = None) -> Connection:
+    """The service (and API key) for ``--service-url`` / ``--profile``; default http://127.0.0.1:8000."""
+    return connection(service_url, profile)
 
 
-async def _call(url: str, fn: str, *args: Any, **kwargs: Any) -> Any:
+async def _call(url: Connection | str, fn: str, *args: Any, **kwargs: Any) -> Any:
     return await _with_client(url, lambda client: getattr(client, fn)(*args, **kwargs))
 
 
-ServiceUrl = Annotated[str | None, typer.Option("--service-url", help="Kneo service URL.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 @runs_app.command("get")
-def runs_get(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_get(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
     """Show a run's state."""
-    _print_run(asyncio.run(_call(_remote(service_url), "get_run", run_id)), as_json)
+    _print_run(asyncio.run(_call(_remote(service_url, profile), "get_run", run_id)), as_json)
 
 
 @runs_app.command("list")
@@ -390,13 +386,14 @@ def runs_list(
     limit: Annotated[int, typer.Option(help="Page size.")] = 20,
     offset: Annotated[int, typer.Option(help="Offset.")] = 0,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """List runs, newest first."""
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if status:
         params["status"] = status
-    page = asyncio.run(_call(_remote(service_url), "list_runs", **params))
+    page = asyncio.run(_call(_remote(service_url, profile), "list_runs", **params))
     if as_json:
         _print_json(page)
         return
@@ -410,9 +407,9 @@ def runs_list(
 
 
 @runs_app.command("events")
-def runs_events(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_events(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
     """Show a run's event history."""
-    page = asyncio.run(_call(_remote(service_url), "run_events", run_id))
+    page = asyncio.run(_call(_remote(service_url, profile), "run_events", run_id))
     if as_json:
         _print_json(page)
         return
@@ -421,25 +418,24 @@ def runs_events(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = F
 
 
 @runs_app.command("watch")
-def runs_watch(run_id: str, service_url: ServiceUrl = None) -> None:
+def runs_watch(run_id: str, service_url: ServiceUrl = None, profile: Profile = None) -> None:
     """Follow a run live (events and output) until it ends."""
 
-    async def go() -> None:
-        async with AsyncServiceClient(_remote(service_url)) as client:
-            async for ev in client.stream_run(run_id):
-                if ev.event == "output":
-                    out.print(ev.json()["text"], end="")
-                else:
-                    out.print(f"\n[bold]{ev.event}[/bold] (v{ev.id})")
+    async def go(client: AsyncServiceClient) -> None:
+        async for ev in client.stream_run(run_id):
+            if ev.event == "output":
+                out.print(ev.json()["text"], end="")
+            else:
+                out.print(f"\n[bold]{ev.event}[/bold] (v{ev.id})")
         out.print()
 
-    asyncio.run(go())
+    asyncio.run(_with_client(_remote(service_url, profile), go))
 
 
 @runs_app.command("cancel")
-def runs_cancel(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_cancel(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
     """Cancel a queued, running or paused run."""
-    _print_run(asyncio.run(_call(_remote(service_url), "cancel_run", run_id)), as_json)
+    _print_run(asyncio.run(_call(_remote(service_url, profile), "cancel_run", run_id)), as_json)
 
 
 @runs_app.command("continue")
@@ -448,11 +444,18 @@ def runs_continue(
     async_mode: Annotated[bool, typer.Option("--async", help="Answer at once instead of waiting for the end.")] = False,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Idempotency-Key header.")] = None,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """Continue a failed, cancelled or timed-out run from its last completed step (as a new, linked run)."""
     body = asyncio.run(
-        _call(_remote(service_url), "continue_run", run_id, async_mode=async_mode, idempotency_key=idempotency_key)
+        _call(
+            _remote(service_url, profile),
+            "continue_run",
+            run_id,
+            async_mode=async_mode,
+            idempotency_key=idempotency_key,
+        )
     )
     _print_run(body, as_json)
     raise typer.Exit(0 if body["status"] not in ("failed", "cancelled", "expired", "timed_out") else EXIT_FAILED)
@@ -466,12 +469,13 @@ def runs_fork(
     async_mode: Annotated[bool, typer.Option("--async", help="Answer at once instead of waiting for the end.")] = False,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Idempotency-Key header.")] = None,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """Start a new run from checkpoint N of a run (time travel): the steps after N run again."""
     body = asyncio.run(
         _call(
-            _remote(service_url),
+            _remote(service_url, profile),
             "fork_run",
             run_id,
             from_sequence,
@@ -502,15 +506,19 @@ def _print_view(value: dict[str, Any], as_json: bool, rows: str | None = None, c
 
 
 @runs_app.command("recovery")
-def runs_recovery(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_recovery(
+    run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False
+) -> None:
     """Completed steps, failed step, next step and whether the run can continue."""
-    _print_view(asyncio.run(_call(_remote(service_url), "run_recovery", run_id)), as_json)
+    _print_view(asyncio.run(_call(_remote(service_url, profile), "run_recovery", run_id)), as_json)
 
 
 @runs_app.command("checkpoints")
-def runs_checkpoints(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_checkpoints(
+    run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False
+) -> None:
     """A run's checkpoints (one per step boundary)."""
-    page = asyncio.run(_call(_remote(service_url), "run_checkpoints", run_id))
+    page = asyncio.run(_call(_remote(service_url, profile), "run_checkpoints", run_id))
     _print_view(page, as_json, "checkpoints", ("sequence", "step_id", "status", "position", "created_at"))
 
 
@@ -522,12 +530,13 @@ def runs_checkpoint_diff(
     other_run_id: Annotated[str | None, typer.Option("--other-run-id", help="Compare with this run.")] = None,
     other_sequence: Annotated[int | None, typer.Option("--other-sequence")] = None,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
     as_json: AsJson = False,
 ) -> None:
     """Added, removed and changed paths between two checkpoints (of one run, or of two runs)."""
     diff = asyncio.run(
         _call(
-            _remote(service_url),
+            _remote(service_url, profile),
             "checkpoint_diff",
             run_id,
             from_sequence=from_sequence,
@@ -547,16 +556,16 @@ def runs_checkpoint_diff(
 
 
 @runs_app.command("replay")
-def runs_replay(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_replay(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
     """The run's compact timeline (no checkpoint payloads)."""
-    replay = asyncio.run(_call(_remote(service_url), "run_replay", run_id))
+    replay = asyncio.run(_call(_remote(service_url, profile), "run_replay", run_id))
     _print_view(replay, as_json, "timeline", ("position", "sequence", "type", "step_id", "status", "error"))
 
 
 @runs_app.command("trace")
-def runs_trace(run_id: str, service_url: ServiceUrl = None, as_json: AsJson = False) -> None:
+def runs_trace(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
     """The run's stored events (redacted), first page."""
-    page = asyncio.run(_call(_remote(service_url), "run_trace", run_id))
+    page = asyncio.run(_call(_remote(service_url, profile), "run_trace", run_id))
     _print_view(page, as_json, "events", ("version", "type", "recorded_at"))
 
 

@@ -7,17 +7,18 @@ from typing import Annotated, Any
 
 import typer
 
+from kneo_client.remote import Profile, ServiceUrl
+
 human_app = typer.Typer(help="Manage human-in-the-loop tasks", no_args_is_help=True)
 audit_app = typer.Typer(help="Read the audit log", no_args_is_help=True)
 
-ServiceUrl = Annotated[str | None, typer.Option("--service-url", help="Kneo service URL.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _call(service_url: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
+def _call(service_url: str | None, profile: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
     from kneo_client import cli
 
-    return asyncio.run(cli._call(cli._remote(service_url), fn, *args, **kwargs))
+    return asyncio.run(cli._call(cli._remote(service_url, profile), fn, *args, **kwargs))
 
 
 def _print_task(task: dict[str, Any], as_json: bool) -> None:
@@ -41,9 +42,11 @@ def _print_task(task: dict[str, Any], as_json: bool) -> None:
 
 
 @human_app.command("get")
-def human_get(continuation_id: str, as_json: AsJson = False, service_url: ServiceUrl = None) -> None:
+def human_get(
+    continuation_id: str, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None
+) -> None:
     """Show one human task (its request, reviewers, deadline and decision)."""
-    _print_task(_call(service_url, "get_human_task", continuation_id), as_json)
+    _print_task(_call(service_url, profile, "get_human_task", continuation_id), as_json)
 
 
 @human_app.command("list")
@@ -54,6 +57,7 @@ def human_list(
     offset: Annotated[int, typer.Option(help="Offset.")] = 0,
     as_json: AsJson = False,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
 ) -> None:
     """List human tasks, newest first."""
     from kneo_client.cli import _print_json, out
@@ -63,7 +67,7 @@ def human_list(
         params["run_id"] = run_id
     if status:
         params["status"] = status
-    page = _call(service_url, "list_human_tasks", **params)
+    page = _call(service_url, profile, "list_human_tasks", **params)
     if as_json:
         _print_json(page)
         return
@@ -96,6 +100,7 @@ def human_resume(
     reason: Annotated[str | None, typer.Option("--reason", help="A note kept with the decision.")] = None,
     as_json: AsJson = False,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
 ) -> None:
     """Decide a human task: exactly one of --approve, --reject, --edit, --provide, --select."""
     from kneo_client.cli import _print_json, _print_run, err
@@ -118,6 +123,7 @@ def human_resume(
     content = value if decision in ("edited", "provided") else reason
     body = _call(
         service_url,
+        profile,
         "resume_human_task",
         continuation_id,
         request_id,
@@ -132,11 +138,11 @@ def human_resume(
 
 
 @human_app.command("sweep")
-def human_sweep(as_json: AsJson = False, service_url: ServiceUrl = None) -> None:
+def human_sweep(as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None) -> None:
     """Fire every due human-task timeout and run-level deadline now (admin; the service also does it by itself)."""
     from kneo_client.cli import _print_json, out
 
-    body = _call(service_url, "sweep_human_tasks")
+    body = _call(service_url, profile, "sweep_human_tasks")
     if as_json:
         _print_json(body)
         return
@@ -159,6 +165,7 @@ def audit_list(
     offset: Annotated[int, typer.Option(help="Offset.")] = 0,
     as_json: AsJson = False,
     service_url: ServiceUrl = None,
+    profile: Profile = None,
 ) -> None:
     """List audit records, newest first (redacted)."""
     from kneo_client.cli import _print_json, out
@@ -172,7 +179,7 @@ def audit_list(
         "until": until,
     }
     params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None}
-    page = _call(service_url, "list_audit_events", limit=limit, offset=offset, **params)
+    page = _call(service_url, profile, "list_audit_events", limit=limit, offset=offset, **params)
     if as_json:
         _print_json(page)
         return

@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 
+from kneo_client.profiles import Connection
 from kneo_compiler.bundles import SIGNING_KEY_ENV, sign_bundle, verify_bundle
 from kneo_compiler.diagnostics import Diagnostic, SpecProblem, errors_of, lint_view
 from kneo_compiler.loader import MAX_SPEC_BYTES
@@ -59,40 +60,40 @@ def print_diagnostics(diagnostics: list[Diagnostic]) -> None:
         typer.echo(_format(d))
 
 
-def _service(service_url: str | None, profile: str | None) -> str | None:
-    """The service to ask instead of the local library (``--service-url``), or None."""
-    if profile:
-        _fail("service profiles are not available yet; pass --service-url (and KNEO_SERV_API_KEY) instead")
-    return service_url
+def _service(service_url: str | None, profile: str | None) -> Connection | None:
+    """The service to ask instead of the local library, or None (local). Spec commands stay local unless
+    ``--service-url`` or ``--profile`` is given: an active profile or a project URL alone does not send specs away."""
+    if not (service_url or profile):
+        return None
+    from kneo_client.remote import connection
+
+    return connection(service_url, profile)
 
 
-def _remote(url: str, route: str, text: bytes, environment: str | None) -> dict[str, Any]:
-    """POST the spec to ``/v1/specs/<route>`` and return the body; service errors end the command with one line."""
-    import httpx
+# The SDK method behind each spec route.
+_SDK_CALL = {
+    "validate": "validate_spec",
+    "compile": "compile_spec",
+    "policy-report": "spec_policy_report",
+    "explain": "explain_spec",
+}
 
-    key = os.environ.get("KNEO_API_KEY") or os.environ.get("KNEO_SERV_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+def _remote(url: Connection, route: str, text: bytes, environment: str | None) -> dict[str, Any]:
+    """POST the spec to ``/v1/specs/<route>`` through the SDK and return the body; service errors end the command
+    with one line (exit 3 auth, 4 not found, 5 unreachable, 1 otherwise)."""
+    import asyncio
+
+    from kneo_client.remote import with_client
+
     try:
         spec = text.decode("utf-8")
     except UnicodeDecodeError:
         _fail("the spec is not UTF-8 text")
-    try:
-        resp = httpx.post(
-            f"{url.rstrip('/')}/v1/specs/{route}",
-            json={"spec": spec, "environment": environment},
-            headers=headers,
-            timeout=60,
-        )
-    except httpx.TransportError:
-        _fail(f"no service answers at {url}; start one with `kneo service serve`")
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json()
-            message = f"{resp.status_code} {detail.get('error')}: {detail.get('message')}"
-        except ValueError:
-            message = f"{resp.status_code} {resp.text[:200]}"
-        _fail(message)
-    body: dict[str, Any] = resp.json()
+    method = _SDK_CALL[route]
+    body: dict[str, Any] = asyncio.run(
+        with_client(url, lambda client: getattr(client, method)(spec, environment=environment))
+    )
     return body
 
 
