@@ -100,11 +100,21 @@ async def test_sse_streams_history_then_live_output_and_ends(platform: Any) -> N
     assert kinds[0] == "run.created" and kinds[-1] == "run.succeeded"
     outputs = [e for e in seen if e.event == "output"]
     assert len(outputs) == 3 * 10  # 8 chunks, the heading piece and the tool results piece, per step
-    event_ids = [int(e.id) for e in seen if e.event != "output"]
+    tools = [e.json()["tool"] for e in seen if e.event == "tool"]  # the agent's two tools, live, per step
+    assert len(tools) == 3 * 4
+    assert [(t["name"], t["status"]) for t in tools[:4]] == [
+        ("web_search", "running"),
+        ("web_search", "completed"),
+        ("webpage_reader", "running"),
+        ("webpage_reader", "completed"),
+    ]
+    assert tools[1]["ok"] is True and tools[1]["cached"] is False and tools[1]["result"]
+    event_ids = [int(e.id) for e in seen if e.event not in ("output", "tool")]
     assert event_ids == list(range(1, 19)), "every event once, in order"
-    # chunk ids are <version>.<seq> of the step.scheduled they follow
-    first = outputs[0]
-    assert first.id == "3.0" and first.json()["step_id"] == "retrieve"
+    # chunk ids are <version>.<seq> of the step.scheduled they follow (tool items and text share the sequence)
+    live = [e for e in seen if e.event in ("output", "tool")]
+    assert [e.id for e in live[:5]] == ["3.0", "3.1", "3.2", "3.3", "3.4"]
+    assert live[0].event == "tool" and outputs[0].json()["step_id"] == "retrieve"
     text = "".join(o.json()["text"] for o in outputs if o.json()["step_id"] == "summarize")
     final = [e for e in seen if e.event == "step.completed"][-1].json()
     assert final["data"]["output"] == text

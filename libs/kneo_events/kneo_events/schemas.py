@@ -243,6 +243,7 @@ class StepToolCalled(EventPayload):
     result_preview: str = ""
     result_chars: int = 0
     duration_ms: float = 0.0
+    cached: bool = False  # the result came from the smart cache of a Knap chat (the tool did not run)
 
 
 @register

@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         default=1.0, gt=0, validation_alias=AliasChoices("KNEO_AUDIT_POLL_INTERVAL_SECONDS")
     )
 
+    # --- Knap face: the smart cache of identical tool calls within a chat
+    knap_cache_ttl_seconds: float = Field(
+        default=600.0, ge=0, validation_alias=AliasChoices("KNEO_KNAP_CACHE_TTL_SECONDS")
+    )
+
     # --- runner
     function_packages: str = Field(default="examples", validation_alias=AliasChoices("KNEO_SERV_FUNCTION_PACKAGES"))
     step_timeout_seconds: float = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -24,9 +25,11 @@ from kneo_events.schemas import Command, HumanRequested, execute_step_command, n
 from kneo_events.service import WorkerService
 from kneo_runner.domain import Outcome, decide, human_outcome, is_last_branch, should_run
 from kneo_runner.engine import StepCancelled, aggregate_outputs, execute_step, render_prompt
+from kneo_runner.hooks import RunnerToolHooks
 
 log = logging.getLogger("kneo.runner")
 SERVICE = "runner"
+BUILTIN_PACKAGES = ("kneo_runner.connectors",)  # always importable: the built-in tools the faces' specs use
 
 
 class RunnerService(WorkerService):
@@ -43,7 +46,9 @@ class RunnerService(WorkerService):
         self.runner_name = kernel.settings.runner_name or f"{socket.gethostname()}:{os.getpid()}"
         self.handlers["execute_step"] = self.execute_step
         self.handlers["resume_human"] = self.resume_human
-        self.allowed_packages = tuple(p.strip() for p in kernel.settings.function_packages.split(",") if p.strip())
+        # the spec's own packages (KNEO_SERV_FUNCTION_PACKAGES) and the runner's built-in connectors
+        configured = tuple(p.strip() for p in kernel.settings.function_packages.split(",") if p.strip())
+        self.allowed_packages = (*configured, *(p for p in BUILTIN_PACKAGES if p not in configured))
         # Runs cancelled recently (heard on the bus): a streaming step checks this between chunks.
         self.cancelled: OrderedDict[str, None] = OrderedDict()
 
@@ -93,9 +98,10 @@ class RunnerService(WorkerService):
         execution = secrets.token_hex(4)
         step_id = plan["steps"][step_index]["id"]
 
-        async def sink(text: str, seq: int) -> None:
-            if run_id in self.cancelled:
-                raise StepCancelled(run_id)
+        # one sequence per step execution for text chunks and live tool items alike (SSE orders and de-duplicates)
+        counter = itertools.count()
+
+        async def publish(item: dict[str, Any]) -> None:
             await self.kernel.bus.publish_output(
                 run_id,
                 {
@@ -105,11 +111,25 @@ class RunnerService(WorkerService):
                     "attempt": attempt,
                     "delivery": delivery,
                     "execution": execution,
-                    "seq": seq,
+                    "seq": next(counter),
                     "after_version": after_version,
-                    "text": text,
+                    **item,
                 },
             )
+
+        async def sink(text: str, seq: int) -> None:
+            if run_id in self.cancelled:
+                raise StepCancelled(run_id)
+            await publish({"text": text})
+
+        knap = (state.get("metadata") or {}).get("knap") or {}
+        hooks = RunnerToolHooks(
+            publish,
+            lambda: run_id in self.cancelled,
+            store.pool if knap.get("smart_cache") else None,
+            knap.get("chat_id"),
+            self.kernel.settings.knap_cache_ttl_seconds,
+        )
 
         ack_wait = self.kernel.settings.command_ack_wait_seconds
 
@@ -136,6 +156,7 @@ class RunnerService(WorkerService):
                 self.kernel.settings.step_timeout_seconds,
                 self.allowed_packages,
                 settings=self.kernel.settings,
+                hooks=hooks,
             )
             # still under the heartbeat: recording (and a concurrent run's aggregation) keeps the message ours
             await self._record(cmd, plan, state, step_index, attempt, turn, outcome)

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,6 +41,9 @@ JSON = dict[str, Any]
 ChunkSink = Callable[[str, int], Awaitable[None]]
 DEFAULT_MAX_TURNS = 8
 DEFAULT_MEMORY_WINDOW = 10
+
+
+log = logging.getLogger("kneo.runner")
 
 
 class StepCancelled(Exception):
@@ -92,13 +96,36 @@ class StepTrace:
 
 @dataclass(frozen=True)
 class StepEnv:
-    """The runner around a step: settings, the function allow-list, providers and the ToolBox factory."""
+    """The runner around a step: settings, the function allow-list, providers, the ToolBox factory, tool hooks."""
 
     settings: Settings | None
     allowed_packages: tuple[str, ...]
     providers: Mapping[str, ProviderFactory]
     toolboxes: ToolBoxFactory
     provider_settings: ProviderSettings
+    hooks: ToolHooks = field(default_factory=lambda: ToolHooks())
+
+
+class ToolHooks:
+    """What the runner does around each tool call besides calling it; the default does nothing.
+
+    ``started`` / ``finished`` tell live listeners (the runner publishes them on the run's output subject, so SSE
+    clients see a tool run before the step ends); ``lookup`` / ``remember`` are the smart cache of a Knap chat
+    (``lookup`` returning ``(ok, content)`` means the tool is not called). A hook that fails is logged, never fatal.
+    """
+
+    async def started(self, call: ToolCallRequest) -> None:
+        """A tool call is about to run."""
+
+    async def finished(self, call: ToolCallRequest, ok: bool, content: str, cached: bool) -> None:
+        """A tool call ended (``cached``: its result came from the cache)."""
+
+    async def lookup(self, name: str, arguments: JSON) -> tuple[bool, str] | None:
+        """A cached result of this call, if any."""
+        return None
+
+    async def remember(self, name: str, arguments: JSON, ok: bool, content: str) -> None:
+        """Keep a result for later identical calls."""
 
 
 _PLACEHOLDER = re.compile(r"\{(input|steps\.[A-Za-z0-9_\-]+)\}")
@@ -150,6 +177,7 @@ async def execute_step(
     settings: Settings | None = None,
     providers: Mapping[str, ProviderFactory] | None = None,
     toolboxes: ToolBoxFactory | None = None,
+    hooks: ToolHooks | None = None,
 ) -> Outcome:
     """Run one step and return its outcome (never raises for a step failure).
 
@@ -164,6 +192,7 @@ async def execute_step(
         providers=PROVIDERS if providers is None else providers,
         toolboxes=default_toolboxes if toolboxes is None else toolboxes,
         provider_settings=ProviderSettings.from_settings(settings) if settings is not None else ProviderSettings(),
+        hooks=hooks if hooks is not None else ToolHooks(),
     )
     preview = settings.tool_result_preview_chars if settings is not None else 1000
     trace = StepTrace(step_index, step["id"], attempt, preview)
@@ -280,24 +309,44 @@ async def _turns(
             return text, seq
         messages.append(Message("assistant", text, tool_calls=tuple(calls)))
         for call in calls:
-            ok, content = await _run_tool(box, call, turn, trace)
+            ok, content = await _run_tool(box, call, turn, trace, env.hooks)
             messages.append(Message("tool", content, tool_call_id=call.id, name=call.name, is_error=not ok))
     raise AgentError(f"the model was still calling tools after max_turns={max_turns} turns")
 
 
-async def _run_tool(box: ToolBoxLike | None, call: ToolCallRequest, turn: int, trace: StepTrace) -> tuple[bool, str]:
+async def _hook(what: str, coro: Awaitable[Any]) -> Any:
+    try:
+        return await coro
+    except StepCancelled:
+        raise
+    except Exception:
+        log.exception("tool hook %s failed; the step goes on", what)
+        return None
+
+
+async def _run_tool(
+    box: ToolBoxLike | None, call: ToolCallRequest, turn: int, trace: StepTrace, hooks: ToolHooks | None = None
+) -> tuple[bool, str]:
     """Call one tool; whatever goes wrong becomes a result the model sees (and an event), never a crash."""
+    hooks = hooks if hooks is not None else ToolHooks()
     started = time.perf_counter()
+    await _hook("started", hooks.started(call))
+    cached = False
     if call.arguments_error is not None:
         ok, content = False, f"tool {call.name!r} was not called: {call.arguments_error}"
     elif box is None:
         ok, content = False, f"tool {call.name!r} is not available: this agent has no tools"
+    elif (hit := await _hook("lookup", hooks.lookup(call.name, call.arguments))) is not None:
+        (ok, content), cached = hit, True
     else:
         try:
             result = await box.call(call.name, call.arguments)
             ok, content = bool(result.ok), str(result.content)
         except Exception as exc:  # a ToolBox should not raise; if it does, the model still gets an answer
             ok, content = False, f"tool {call.name!r} failed: {type(exc).__name__}: {exc}"
+        if ok:
+            await _hook("remember", hooks.remember(call.name, call.arguments, ok, content))
+    await _hook("finished", hooks.finished(call, ok, content, cached))
     limit = trace.preview_chars
     arguments: JSON = redact(call.arguments)
     shown = dumps(arguments).decode()
@@ -316,6 +365,7 @@ async def _run_tool(box: ToolBoxLike | None, call: ToolCallRequest, turn: int, t
             result_preview=redact_text(content[:limit]),
             result_chars=len(content),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            cached=cached,
         )
     )
     return ok, content

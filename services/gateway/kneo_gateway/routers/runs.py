@@ -416,6 +416,9 @@ async def _run_stream(gw: Gateway, run_id: str, last_version: int, last_chunk: i
             if seq <= cur.steps[step_id][1]:
                 continue
             cur.steps[step_id] = (execution, seq)
+            if "tool" in item:  # a tool call running / finished inside the step (redacted by the runner)
+                yield ServerSentEvent(data=dumps(item).decode(), event="tool", id=f"{after}.{seq}")
+                continue
             yield ServerSentEvent(
                 data=dumps({**item, "text": redact_text(str(item.get("text", "")))}).decode(),
                 event="output",
