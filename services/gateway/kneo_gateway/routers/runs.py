@@ -14,7 +14,16 @@ from kneo_events.errors import ConcurrencyConflict, InvalidRequest, InvalidState
 from kneo_events.ids import new_run_id, run_stream
 from kneo_events.projections import TERMINAL_STATUSES
 from kneo_events.redaction import redact, redact_text
-from kneo_events.schemas import HumanCancelled, RunCancelled, RunCreated, compile_run_command, dumps, new_event
+from kneo_events.schemas import (
+    Command,
+    HumanCancelled,
+    NewEvent,
+    RunCancelled,
+    RunCreated,
+    compile_run_command,
+    dumps,
+    new_event,
+)
 from kneo_gateway.auth import Principal, require
 from kneo_gateway.idempotency import request_hash, validate_key
 from kneo_gateway.paging import page_params
@@ -62,7 +71,7 @@ async def start_run(
             f"metadata exceeds {s.max_metadata_bytes} bytes", field="metadata", limit=s.max_metadata_bytes
         )
     spec, spec_path = await load_spec(gw, body.spec, body.spec_path)
-    start = _RunStart(gw, request, body, spec, spec_path, principal.name)
+    start = RunStart(gw, request, body, spec, spec_path, principal.name)
     start.route = route  # recorded in run.created's metadata (the audit log tells spec-run from POST /runs)
     if idempotency_key is None:
         status, out = await start.run(new_run_id())
@@ -84,7 +93,7 @@ async def start_run(
     return JSONBody(out, status_code=status)
 
 
-class _RunStart:
+class RunStart:
     """Append ``run.created`` (+ ``compile_run``) for a validated request and answer as the mode asks."""
 
     def __init__(
@@ -100,10 +109,12 @@ class _RunStart:
         )
         self.run_id: str | None = None
         self.created = False
-        self.route = "POST /runs"
+        self.route = "POST /runs"  # recorded in run.created's metadata (the audit log tells the routes apart)
+        self.face = "kneo"  # which face started it: kneo, jobs, knap
 
-    async def run(self, run_id: str) -> tuple[int, dict[str, Any]]:
-        gw, body = self.gw, self.body
+    def _first_append(self, run_id: str) -> tuple[str, list[NewEvent], Command]:
+        """``run.created`` and the ``compile_run`` command of a new run."""
+        body = self.body
         self.run_id = run_id
         self.request.state.run_id = run_id
         stream_id = run_stream(run_id)
@@ -119,11 +130,23 @@ class _RunStart:
             async_mode=body.async_mode,
             metadata=body.metadata or {},
             timeout_seconds=body.timeout_seconds,
+            face=self.face,
         )
         cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": self.actor})
+        return stream_id, [new_event(created, meta)], cmd
+
+    async def append(self, run_id: str) -> None:
+        """Start the run and return at once (the caller follows it itself, e.g. with ``gw.hub.listen``)."""
+        stream_id, events, cmd = self._first_append(run_id)
+        await self.gw.kernel.commit(stream_id, events, 0, None, [cmd], prior_state=None)
+        self.created = True
+
+    async def run(self, run_id: str) -> tuple[int, dict[str, Any]]:
+        gw, body = self.gw, self.body
+        stream_id, events, cmd = self._first_append(run_id)
         with gw.hub.wait_for(run_id, _SETTLE_TYPES) as listener:
             try:
-                result = await gw.kernel.commit(stream_id, [new_event(created, meta)], 0, None, [cmd], prior_state=None)
+                result = await gw.kernel.commit(stream_id, events, 0, None, [cmd], prior_state=None)
             except ConcurrencyConflict:
                 # Only a taken-over idempotency claim reuses a run id: that run exists already.
                 self.created = True
