@@ -40,6 +40,7 @@ AUDITED: dict[str, str] = {
     "human.escalated": "human.escalated",
     "credential.inventory_accessed": "credential.inventory_accessed",
     "policy.changed": "policy.changed",
+    "workspace.uploaded": "workspace.uploaded",
 }
 
 

@@ -70,25 +70,38 @@ class RequestContext:
 
 
 class BodyLimit:
-    """413 for bodies over the limit, counted while streaming (a lying or missing Content-Length can't pass)."""
+    """413 for bodies over the limit, counted while streaming (a lying or missing Content-Length can't pass).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``streamed`` maps path prefixes (e.g. ``/workspaces``, whose uploads are large) to their own limit; those bodies
+    are passed through as they arrive, counted, instead of being read into memory first.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed = streamed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit = next(
+            (n for p, n in self.streamed.items() if path == p or path.startswith(p + "/")),
+            None,
+        )
         for k, v in scope.get("headers", []):
             if k == b"content-length":
                 try:
                     declared = int(v)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(scope, send)
+                if declared > (limit or self.max_bytes):
+                    await self._reject(scope, send, limit)
                     return
+        if limit is not None:
+            await self._pass_counted(scope, receive, send, limit)
+            return
         # Read the whole body up front (bounded), then replay it: the limit holds whatever the headers say.
         chunks: list[bytes] = []
         size = 0
@@ -121,14 +134,47 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
+    async def _pass_counted(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Stream the body to the app, counting; past ``limit`` the app's answer is replaced by a 413."""
+        size = 0
+        over = False
+        started = False
+
+        async def counted() -> Message:
+            nonlocal size, over
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if over:
+                return  # whatever the app makes of the cut-off body, the answer is our 413
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._reject(scope, send, limit)
+
+    async def _reject(self, scope: Scope, send: Send, limit: int | None = None) -> None:
+        limit = limit or self.max_bytes
         body = orjson.dumps(
             render(
                 scope["path"],
                 413,
                 "payload_too_large",
-                f"request body exceeds {self.max_bytes} bytes",
-                {"limit": self.max_bytes, "field": "body"},
+                f"request body exceeds {limit} bytes",
+                {"limit": limit, "field": "body"},
             )
         )
         await send(
@@ -142,6 +188,10 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app from ``receive`` when a streamed body passes its limit."""
 
 
 def _is_json(scope: Scope) -> bool:
