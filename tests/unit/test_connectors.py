@@ -100,3 +100,18 @@ def test_paths_outside_the_grant_are_refused(tmp_path: Path) -> None:
     (inside / "link.ics").symlink_to(outside / "cal.ics")
     with pytest.raises(FilesystemNotAllowed):
         list_events(ctx, str(inside / "link.ics"))
+
+
+def test_recurring_events_expand_inside_the_range(tmp_path: Path) -> None:
+    (tmp_path / "weekly.ics").write_text(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//kneo tests//EN\r\n"
+        "BEGIN:VEVENT\r\nUID:w@kneo\r\nSUMMARY:Team standup\r\n"
+        "DTSTART:20260105T090000Z\r\nDTEND:20260105T091500Z\r\nRRULE:FREQ=WEEKLY;BYDAY=MO,WE\r\n"
+        "EXDATE:20261202T090000Z\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    ctx = _ctx(tmp_path)
+    week = list_events(ctx, str(tmp_path / "weekly.ics"), start="2026-11-30", end="2026-12-07")
+    assert [e["start"] for e in week["events"]] == ["2026-11-30T09:00:00+00:00"]  # Wednesday's is an EXDATE
+    assert week["events"][0]["recurring"] is True and week["events"][0]["end"] == "2026-11-30T09:15:00+00:00"
+    later = list_events(ctx, str(tmp_path / "weekly.ics"), start="2026-12-07", end="2026-12-10")
+    assert len(later["events"]) == 2

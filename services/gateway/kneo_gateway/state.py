@@ -25,3 +25,4 @@ class Gateway:
     limiter: RateLimiter
     idempotency: Idempotency
     spec_cache: OrderedDict[tuple[bytes, str], dict[str, Any]] = field(default_factory=OrderedDict)
+    knap_connectors: dict[str, Any] | None = None  # the Knap face's connectors (KNEO_KNAP_*), loaded on first use

@@ -330,10 +330,13 @@ def _dummy_pieces(seed: str, prompt: str, chunks: int, results: Sequence[Message
 
 
 def _dummy_arguments(schema: JSON, prompt: str) -> JSON:
-    """Arguments that fit the tool's JSON schema, derived from the prompt (required properties, or all if none are
-    marked required)."""
+    """Arguments that fit the tool's JSON schema, derived from the prompt: the required properties (when the schema
+    lists none, those without a default); optional ones keep their defaults, as a careful model would leave them."""
     props: JSON = schema.get("properties") or {}
-    names = list(schema.get("required") or props)
+    if "required" in schema:
+        names = list(schema["required"] or [])
+    else:
+        names = [n for n in props if "default" not in (props.get(n) or {})]
     head = _head(prompt)
     out: JSON = {}
     for name in names:

@@ -19,3 +19,7 @@ CREATE TABLE IF NOT EXISTS knap_tool_cache (
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (chat_id, cache_key)
 );
+
+-- A Knap chat is the Knap runs that carry its id (metadata.knap.chat_id), in order.
+CREATE INDEX IF NOT EXISTS runs_knap_chat ON runs ((state->'metadata'->'knap'->>'chat_id'), created_at)
+    WHERE face = 'knap';

@@ -1,8 +1,9 @@
 """The ``google_calendar`` connector: list events of a local iCalendar file or folder of ``.ics`` files.
 
-Parsed with the maintained ``icalendar`` library; recurring events are not expanded (their first occurrence is
-listed). A real deployment points it at an exported or synced calendar (Google Calendar's "secret address in iCal
-format", a vdirsyncer folder); the tool entry binds ``calendar_path`` and grants read access to it.
+Parsed with the maintained ``icalendar`` library; recurring events (``RRULE``) are expanded with ``dateutil``'s
+rrule into the occurrences inside the range (``EXDATE`` respected). A real deployment points it at an exported or
+synced calendar (Google Calendar's "secret address in iCal format", a vdirsyncer folder); the tool entry binds
+``calendar_path`` and grants read access to it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import icalendar
+from dateutil import rrule
 
 from kneo_runner.tools import ToolContext
 
@@ -63,22 +65,39 @@ def list_events(
             if begins is None:
                 continue
             ends = _as_datetime(ev.get("DTEND")) or begins
-            if ends <= lo or begins >= hi:
-                continue
-            item = {
-                "summary": str(ev.get("SUMMARY", "")),
-                "start": begins.isoformat(),
-                "end": ends.isoformat(),
-                "location": str(ev.get("LOCATION", "")) or None,
-                "description": str(ev.get("DESCRIPTION", "")) or None,
-                "attendees": [str(a).removeprefix("mailto:") for a in _list(ev.get("ATTENDEE"))],
-            }
-            text = " ".join(str(item[k] or "") for k in ("summary", "location", "description")).lower()
-            if all(w in text for w in words):
-                found.append((begins, item))
+            for start_at in _occurrences(ev, begins, ends - begins, lo, hi):
+                end_at = start_at + (ends - begins)
+                if end_at <= lo or start_at >= hi:
+                    continue
+                item = {
+                    "summary": str(ev.get("SUMMARY", "")),
+                    "start": start_at.isoformat(),
+                    "end": end_at.isoformat(),
+                    "location": str(ev.get("LOCATION", "")) or None,
+                    "description": str(ev.get("DESCRIPTION", "")) or None,
+                    "attendees": [str(a).removeprefix("mailto:") for a in _list(ev.get("ATTENDEE"))],
+                    "recurring": "RRULE" in ev,
+                }
+                text = " ".join(str(item[k] or "") for k in ("summary", "location", "description")).lower()
+                if all(w in text for w in words):
+                    found.append((start_at, item))
+                if len(found) > 10_000:  # a runaway rule: enough
+                    break
     found.sort(key=lambda x: x[0])
     events = [item for _, item in found[:limit]]
     return {"events": events, "count": len(events), "range": {"start": lo.isoformat(), "end": hi.isoformat()}}
+
+
+def _occurrences(ev: Any, begins: datetime, length: timedelta, lo: datetime, hi: datetime) -> list[datetime]:
+    """The starts of an event inside [lo - length, hi): itself, or its recurrences."""
+    rule = ev.get("RRULE")
+    if rule is None:
+        return [begins]
+    text = rule.to_ical().decode()
+    # UNTIL must match DTSTART's kind (aware): icalendar gives UTC "Z" values; dateutil parses them aware.
+    starts = rrule.rrulestr(text, dtstart=begins).between(lo - length, hi, inc=True)
+    skipped = {_as_datetime(d) for ex in _list(ev.get("EXDATE")) for d in getattr(ex, "dts", [])}
+    return [s for s in starts if s not in skipped]
 
 
 def _list(value: Any) -> list[Any]:
