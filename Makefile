@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.kneo-installed
 
 .PHONY: install demo up test test-unit test-integration test-compat bench lint format clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tests/clients/package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@# the TypeScript compiler for the Knap document's TypeScript client test (only where Node is installed)
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/clients --no-audit --no-fund --silent; fi
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install kneo with pinned dependencies

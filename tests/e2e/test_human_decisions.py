@@ -117,7 +117,10 @@ async def test_the_smoke_example_pauses_and_resumes(platform: Any) -> None:
         run = (
             await http.post("/v1/runs", json={"input": "smoke", "spec_path": "examples/smoke_human_workflow.yaml"})
         ).json()
-        assert run["status"] == "paused" and run["metadata"]["pending_human_request"]["options"] == ["approve", "reject"]
+        assert run["status"] == "paused" and run["metadata"]["pending_human_request"]["options"] == [
+            "approve",
+            "reject",
+        ]
         rid = run["metadata"]["pending_human_request"]["request_id"]
         resp = await http.post(
             f"/v1/continuations/{run['continuation_id']}/resume",
