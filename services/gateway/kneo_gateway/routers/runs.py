@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
@@ -73,21 +73,62 @@ async def start_run(
     spec, spec_path = await load_spec(gw, body.spec, body.spec_path)
     start = RunStart(gw, request, body, spec, spec_path, principal.name)
     start.route = route  # recorded in run.created's metadata (the audit log tells spec-run from POST /runs)
+    return await once(
+        request,
+        principal,
+        idempotency_key,
+        route,
+        body.model_dump(mode="json"),
+        new_run_id,
+        start.run,
+        start.settled_answer,
+    )
+
+
+Answer = tuple[int, dict[str, Any]]
+
+
+async def once(
+    request: Request,
+    principal: Principal,
+    idempotency_key: str | None,
+    route: str,
+    fingerprint: Any,
+    new_id: Callable[[], str],
+    start: Callable[[str], Awaitable[Answer]],
+    settled: Callable[[], Awaitable[Answer | None]],
+) -> JSONBody:
+    """Start something once per ``Idempotency-Key`` (per key and ``route``): the first request's answer is replayed.
+
+    ``fingerprint`` identifies the request (the same key with another request is a conflict); ``new_id`` makes the
+    resource id claimed with the key; ``start(id)`` starts it and gives the answer; ``settled()`` is asked when the
+    request failed or was cut off: the answer to keep for the key if the resource exists after all (else the claim
+    is dropped). Shared by the runs, spec-run and Jobs routes.
+    """
+    gw = _gw(request)
     if idempotency_key is None:
-        status, out = await start.run(new_run_id())
+        status, out = await start(new_id())
         return JSONBody(out, status_code=status)
     key = validate_key(idempotency_key)
     claim = await gw.idempotency.claim(
-        principal.name, route, key, request_hash(body.model_dump(mode="json")), new_run_id(), s.sync_wait_seconds + 5
+        principal.name, route, key, request_hash(fingerprint), new_id(), gw.settings.sync_wait_seconds + 5
     )
     if claim.replay is not None:
         request.state.run_id = claim.resource_id
         return JSONBody(claim.replay[1], status_code=claim.replay[0], headers={"Idempotent-Replayed": "true"})
     assert claim.resource_id is not None
     try:
-        status, out = await start.run(claim.resource_id)
+        status, out = await start(claim.resource_id)
     except BaseException:
-        await asyncio.shield(start.settle_claim(route, key))
+
+        async def settle() -> None:
+            answer = await settled()
+            if answer is None:
+                await gw.idempotency.release(principal.name, route, key)
+            else:
+                await gw.idempotency.complete(principal.name, route, key, *answer)
+
+        await asyncio.shield(settle())
         raise
     await gw.idempotency.complete(principal.name, route, key, status, out)
     return JSONBody(out, status_code=status)
@@ -135,10 +176,14 @@ class RunStart:
         cmd = compile_run_command(run_id, stream_id, {"request_id": rid, "actor": self.actor})
         return stream_id, [new_event(created, meta)], cmd
 
-    async def append(self, run_id: str) -> None:
-        """Start the run and return at once (the caller follows it itself, e.g. with ``gw.hub.listen``)."""
+    async def append(self, run_id: str, *, compile_now: bool = True) -> None:
+        """Start the run and return at once (the caller follows it itself, e.g. with ``gw.hub.listen``).
+
+        ``compile_now=False`` records the run without its ``compile_run`` command: the caller starts it later (a
+        held job continuation, kneo_events.sandboxes).
+        """
         stream_id, events, cmd = self._first_append(run_id)
-        await self.gw.kernel.commit(stream_id, events, 0, None, [cmd], prior_state=None)
+        await self.gw.kernel.commit(stream_id, events, 0, None, [cmd] if compile_now else [], prior_state=None)
         self.created = True
 
     async def run(self, run_id: str) -> tuple[int, dict[str, Any]]:
@@ -164,13 +209,18 @@ class RunStart:
 
     async def settle_claim(self, route: str, key: str) -> None:
         """The request failed or was cut off: keep the claim if a run exists (answer = its state), else drop it."""
-        idem = self.gw.idempotency
-        if self.run_id is not None:  # even when the commit raised: it may have committed before failing
-            state = await self.gw.kernel.store.get_run(self.run_id)
-            if state is not None:
-                await idem.complete(self.actor, route, key, 200 if _settled(state) else 202, run_body(state))
-                return
-        await idem.release(self.actor, route, key)
+        answer = await self.settled_answer()
+        if answer is None:
+            await self.gw.idempotency.release(self.actor, route, key)
+        else:
+            await self.gw.idempotency.complete(self.actor, route, key, *answer)
+
+    async def settled_answer(self) -> Answer | None:
+        """The request failed or was cut off: the answer to keep for its key if the run exists (else None)."""
+        if self.run_id is None:
+            return None
+        state = await self.gw.kernel.store.get_run(self.run_id)  # even when the commit raised: it may have committed
+        return None if state is None else ((200 if _settled(state) else 202), run_body(state))
 
 
 def _settled(state: dict[str, Any]) -> bool:
@@ -214,6 +264,7 @@ async def list_runs(
             "status": r["status"],
             "workflow_name": r.get("workflow_name"),
             "workflow_kind": r.get("workflow_kind"),
+            "face": r.get("face", "kneo"),
             "created_at": r.get("created_at"),
             "updated_at": r.get("updated_at"),
         }
