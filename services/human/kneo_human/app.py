@@ -16,6 +16,9 @@ spec; the fold keeps ``deadline_epoch`` in the run's state): a run still queued,
 deadline fires first wins: both are appended at the run's version, so the second finds the run changed.
 
 ``POST /v1/human-tasks/sweep`` asks one copy (request/reply ``kneo.rpc.human.sweep``) to do a pass now.
+
+The same loop is the Jobs face's janitor (``kneo_events.sandboxes.SandboxJanitor``, docs/jobs.md): it starts held
+continuations once the job they wait for ended, and deletes sandboxes past ``KNEO_SANDBOX_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from nats.aio.msg import Msg
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
 from kneo_events.kernel import Kernel
+from kneo_events.sandboxes import SandboxJanitor
 from kneo_events.schemas import (
     Command,
     EventPayload,
@@ -57,6 +61,7 @@ class HumanService(WorkerService):
     def __init__(self, kernel: Kernel) -> None:
         super().__init__(kernel)
         self._timer: asyncio.Task[None] | None = None
+        self.janitor = SandboxJanitor(kernel)
 
     async def start(self) -> None:
         """Start the timer loop and answer sweep requests."""
@@ -78,6 +83,10 @@ class HumanService(WorkerService):
                 await self.sweep(now)
             except Exception:
                 self.log.exception("human timer pass failed")
+            try:
+                await self.janitor.tick(now)
+            except Exception:
+                self.log.exception("sandbox janitor pass failed")
             await asyncio.sleep(self.kernel.settings.human_timer_interval_seconds)
 
     async def _answer(self, msg: Msg) -> None:
