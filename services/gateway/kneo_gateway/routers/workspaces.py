@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from kneo_events.errors import InvalidRequest
@@ -22,7 +23,28 @@ from kneo_gateway.auth import Principal, require
 from kneo_gateway.responses import JSONBody
 from kneo_gateway.state import Gateway
 
-router = APIRouter(tags=["workspaces"])
+
+class WorkspaceError(BaseModel):
+    """The Jobs face's error envelope, as the workspace routes answer it."""
+
+    error: str
+    detail: Any = None
+    code: str
+
+
+WORKSPACE_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": WorkspaceError, "description": text}
+    for code, text in (
+        (400, "Invalid archive, name or form (BAD_REQUEST); detail names the member or field"),
+        (401, "Missing or invalid API key (UNAUTHORIZED)"),
+        (403, "The key lacks the route's scope (FORBIDDEN)"),
+        (404, "No such workspace (NOT_FOUND)"),
+        (409, "The name exists and replace was not asked for (CONFLICT)"),
+        (413, "Over the upload, unpacked-size, ratio or member-count cap (PAYLOAD_TOO_LARGE)"),
+        (429, "Rate limited (RATE_LIMITED)"),
+    )
+}
+router = APIRouter(tags=["workspaces"], responses=WORKSPACE_ERRORS)
 
 _ARCHIVE_FIELDS = ("workspace", "file")  # the seed's curl sends -F "workspace=@x.tar.gz"; "file" is accepted too
 _SUFFIXES = (".tar.gz", ".tgz")
