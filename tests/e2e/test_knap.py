@@ -159,6 +159,15 @@ async def test_preconfigured_knaps(platform: Any) -> None:
         assert [e["tool_name"] for e in events if e["type"] == "tool_execution"] == ["gmail"]
         assert events[-1]["type"] == "done"
         assert (await http.delete(f"/api/knaps/{knap_uuid}")).status_code == 200
+        # the Knaps table is a projection of the log: a rebuild gives the same rows
+        from kneo_events.projections import rebuild_knaps
+
+        pool = platform.kernel.store.pool
+        query = "SELECT knap_uuid, name, definition::text, created_by, created_at, deleted_at FROM knaps ORDER BY 1"
+        live = [tuple(r) for r in await pool.fetch(query)]
+        async with pool.acquire() as conn:
+            await rebuild_knaps(conn)
+        assert [tuple(r) for r in await pool.fetch(query)] == live and any(r[0] == knap_uuid and r[5] for r in live)
         gone = await http.post(
             "/api/knap-tools/run",
             json={"messages": [{"role": "user", "content": "x"}], "tool_types": [], "knap_tool_uuid": knap_uuid},

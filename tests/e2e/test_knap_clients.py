@@ -65,3 +65,33 @@ def test_the_javascript_and_typescript_examples(
     assert lines[0] == "Tool google_calendar: running"
     assert any(line.startswith("Agent: On What meetings do I have tomorrow?") for line in lines)
     assert lines[-1] == "Execution complete"
+
+
+def test_the_knap_cli(served: tuple[str, subprocess.Popen[str], dict[str, str]]) -> None:  # noqa: F811
+    import json
+
+    from tests.e2e.test_cli import kneo
+
+    url, _, env = served
+    res = kneo(env, "knap", "run", "Summarize my emails", "-t", "gmail", "--json", "--service-url", url)
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [e["type"] for e in events][:2] == ["tool_execution", "tool_result"] and events[-1]["type"] == "done"
+    chat_id = events[-1]["chatId"]
+    again = kneo(env, "knap", "run", "Summarize my emails", "-t", "gmail", "--chat-id", chat_id, "--service-url", url)
+    assert again.returncode == 0 and "← gmail (cached)" in again.stdout and f"chat {chat_id}" in again.stdout
+    chat = kneo(env, "knap", "chat", chat_id, "--service-url", url)
+    assert chat.stdout.count("user: Summarize my emails") == 2
+    made = kneo(env, "knap", "register", "weekly", "-t", "google_calendar", "--service-url", url)
+    knap_uuid = made.stdout.strip()
+    assert made.returncode == 0 and len(knap_uuid) == 36
+    assert knap_uuid in kneo(env, "knap", "list", "--service-url", url).stdout
+    ran = kneo(env, "knap", "run", "my week", "--knap", knap_uuid, "--json", "--service-url", url)
+    assert [json.loads(x)["tool_name"] for x in ran.stdout.splitlines() if '"tool_execution"' in x] == [
+        "google_calendar"
+    ]
+    assert kneo(env, "knap", "delete", knap_uuid, "--service-url", url).returncode == 0
+    gone = kneo(env, "knap", "run", "x", "--knap", knap_uuid, "--service-url", url)
+    assert gone.returncode == 4 and f"Knap {knap_uuid} not found" in gone.stderr
+    bad = kneo(env, "knap", "run", "x", "-t", "fax", "--service-url", url)
+    assert bad.returncode == 1 and "unknown tool_type 'fax'" in bad.stderr

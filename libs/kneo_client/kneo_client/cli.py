@@ -15,6 +15,7 @@ from rich.console import Console
 
 from kneo_client.config_cli import config_app
 from kneo_client.human_cli import audit_app, human_app
+from kneo_client.knap_cli import knap_app
 from kneo_client.profiles import Connection
 from kneo_client.remote import Profile, ServiceUrl, connection, with_client
 from kneo_client.sdk import AsyncServiceClient, ServiceError
@@ -29,6 +30,7 @@ app.add_typer(service_app, name="service")
 app.add_typer(runs_app, name="runs")
 app.add_typer(human_app, name="human")
 app.add_typer(audit_app, name="audit")
+app.add_typer(knap_app, name="knap")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -148,16 +150,16 @@ def status(service_url: ServiceUrl = None, profile: Profile = None) -> None:
 @service_app.command("rebuild-projections")
 def rebuild_projections(
     projection: Annotated[
-        str, typer.Argument(help="Which projection to rebuild: runs (runs, plans, human tasks), audit, or all.")
+        str, typer.Argument(help="Which projection to rebuild: runs (runs, plans, human tasks), audit, knaps, or all.")
     ] = "runs",
 ) -> None:
     """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
     from kneo_audit.projection import rebuild as rebuild_audit
     from kneo_client.bootstrap import resolve_infra, run_sync
-    from kneo_events.projections import rebuild_runs
+    from kneo_events.projections import rebuild_knaps, rebuild_runs
     from kneo_events.store import EventStore
 
-    choices = ("runs", "audit", "all")
+    choices = ("runs", "audit", "knaps", "all")
     if projection not in choices:
         err.print(f"kneo: unknown projection {projection!r}; choose: {', '.join(choices)}")
         raise typer.Exit(2)
@@ -175,6 +177,9 @@ def rebuild_projections(
                     done.append(f"runs ({await rebuild_runs(conn)} runs)")
             if projection in ("audit", "all"):
                 done.append(f"audit ({await rebuild_audit(store)} records)")
+            if projection in ("knaps", "all"):
+                async with store.pool.acquire() as conn:
+                    done.append(f"knaps ({await rebuild_knaps(conn)} Knaps)")
             return done
         finally:
             await store.close()

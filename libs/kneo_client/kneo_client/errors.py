@@ -10,7 +10,8 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """The service answered with an error envelope (``{"error": code, "message": …}``)."""
+    """The service answered with an error envelope: the Kneo face's ``{"error": code, "message": …}``, the Jobs
+    face's ``{"error": message, "detail", "code"}`` or the Knap face's ``{"detail": message}``."""
 
     retryable = False
 
@@ -18,11 +19,23 @@ class ServiceError(Exception):
         self.status = status
         self.body = body
         self.headers = headers or {}
-        code = body.get("error") if isinstance(body, dict) else None
-        message = body.get("message") if isinstance(body, dict) else str(body)
+        code, message = _envelope(body)
         super().__init__(f"{status} {code or ''}: {message}".strip())
         self.code: str | None = code
         self.message: str = str(message)
+
+
+def _envelope(body: Any) -> tuple[str | None, Any]:
+    """(code, message) of any face's error body."""
+    if not isinstance(body, dict):
+        return None, str(body)
+    if "code" in body and "detail" in body:  # the Jobs face
+        detail = body.get("detail")
+        extra = f" ({detail})" if isinstance(detail, str) and detail else ""
+        return str(body.get("code")), f"{body.get('error')}{extra}"
+    if "detail" in body and "error" not in body:  # the Knap face
+        return None, body["detail"]
+    return body.get("error"), body.get("message")
 
 
 class AuthError(ServiceError):

@@ -312,6 +312,104 @@ class AsyncServiceClient:
         result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/checkpoints/diff", params=params))
         return result
 
+    # ------------------------------------------------------------------ the Knap face
+
+    @staticmethod
+    def _knap_body(
+        content: str | list[dict[str, str]],
+        tool_types: list[str | dict[str, str]] | None,
+        chat_id: str | None,
+        use_smart_cache: bool,
+        knap_tool_uuid: str | None,
+        stream_updates: bool,
+    ) -> dict[str, Any]:
+        messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+        types = [t if isinstance(t, dict) else {"tool_type": t} for t in tool_types or []]
+        body: dict[str, Any] = {
+            "messages": messages,
+            "tool_types": types,
+            "stream_updates": stream_updates,
+            "use_smart_cache": use_smart_cache,
+        }
+        if chat_id:
+            body["chat_id"] = chat_id
+        if knap_tool_uuid:
+            body["knap_tool_uuid"] = knap_tool_uuid
+        return body
+
+    async def knap_run(
+        self,
+        content: str | list[dict[str, str]],
+        tool_types: list[str | dict[str, str]] | None = None,
+        chat_id: str | None = None,
+        use_smart_cache: bool = True,
+        knap_tool_uuid: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``POST /api/knap-tools/run``, streamed: yields the seed's events (``tool_execution``, ``tool_result``,
+        ``message_chunk``, ``error``, ``done``) as dicts. ``content`` is the user's message (or a message list);
+        ``tool_types`` names connectors (``"gmail"``) or gives ``{"tool_type", "tool_description"}``."""
+        body = self._knap_body(content, tool_types, chat_id, use_smart_cache, knap_tool_uuid, True)
+        async with self.http.stream(
+            "POST", "/api/knap-tools/run", json=body, timeout=httpx.Timeout(30.0, read=None)
+        ) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                self._check(resp)
+            async for ev in parse_sse(resp.aiter_lines()):
+                yield ev.json()
+
+    async def knap_run_once(
+        self,
+        content: str | list[dict[str, str]],
+        tool_types: list[str | dict[str, str]] | None = None,
+        chat_id: str | None = None,
+        use_smart_cache: bool = True,
+        knap_tool_uuid: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /api/knap-tools/run`` with ``stream_updates: false``: one body (message, tool_calls, chatId)."""
+        body = self._knap_body(content, tool_types, chat_id, use_smart_cache, knap_tool_uuid, False)
+        result: dict[str, Any] = self._check(await self.http.post("/api/knap-tools/run", json=body))
+        return result
+
+    async def knap_chat(self, chat_id: str) -> dict[str, Any]:
+        """``GET /api/knap-tools/chats/{chat_id}``: a chat's transcript."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/api/knap-tools/chats/{chat_id}"))
+        return result
+
+    async def register_knap(
+        self,
+        name: str,
+        tool_types: list[str | dict[str, str]],
+        instructions: str | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /api/knaps``: a pre-configured Knap (run it with ``knap_tool_uuid``)."""
+        body: dict[str, Any] = {
+            "name": name,
+            "tool_types": [t if isinstance(t, dict) else {"tool_type": t} for t in tool_types],
+        }
+        if instructions is not None:
+            body["instructions"] = instructions
+        if description is not None:
+            body["description"] = description
+        result: dict[str, Any] = self._check(await self.http.post("/api/knaps", json=body))
+        return result
+
+    async def list_knaps(self) -> dict[str, Any]:
+        """``GET /api/knaps``."""
+        result: dict[str, Any] = self._check(await self.http.get("/api/knaps"))
+        return result
+
+    async def get_knap(self, knap_uuid: str) -> dict[str, Any]:
+        """``GET /api/knaps/{knap_uuid}``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/api/knaps/{knap_uuid}"))
+        return result
+
+    async def delete_knap(self, knap_uuid: str) -> dict[str, Any]:
+        """``DELETE /api/knaps/{knap_uuid}``."""
+        result: dict[str, Any] = self._check(await self.http.delete(f"/api/knaps/{knap_uuid}"))
+        return result
+
     async def stream_run(
         self, run_id: str, last_event_id: str | None = None, max_reconnects: int = 10
     ) -> AsyncIterator[SseEvent]:

@@ -92,6 +92,8 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
         meta = dict(d.get("metadata") or {})
         if d.get("environment"):
             meta["environment"] = d["environment"]
+        if d.get("face", "kneo") != "kneo":  # started by the Jobs or Knap face
+            meta["face"] = d["face"]
         s["metadata"] = meta
         s["created_at"] = at.isoformat()
         spec = d.get("spec") or {}
@@ -217,6 +219,9 @@ def _apply(s: JSON, etype: str, d: JSON, at: datetime) -> None:
             s["metadata"] = {**s["metadata"], "forked_from": {**link, "sequence": d["sequence"]}}
         else:
             s["metadata"] = {**s["metadata"], "continued_from": link}
+    elif etype == "job.cleaned":
+        # A job's sandbox was deleted: the job shows ``cleaned`` (kneo_events.jobs); the run's status never changes.
+        s["metadata"] = {**s["metadata"], "cleaned_at": d.get("cleaned_at") or at.isoformat()}
 
 
 # What a continuation or a fork carries over from its source run: everything a later step reads or extends.
@@ -353,7 +358,72 @@ async def project_policy(conn: Conn, stream_id: str, events: list[RecordedEvent]
         )
 
 
-INLINE_PROJECTORS: dict[str, Any] = {"run": project_run, "policy": project_policy}
+async def project_webhook(conn: Conn, stream_id: str, events: list[RecordedEvent]) -> None:
+    """Inline projector for ``webhook-<id>`` streams: the ``webhooks`` table (the sealed secret as the event has it)."""
+    for ev in events:
+        d = ev.data
+        if ev.type == "webhook.registered":
+            await conn.execute(
+                "INSERT INTO webhooks (webhook_id, url, events, secret, status, version, created_at, created_by) "
+                "VALUES ($1, $2, $3, $4, 'active', $5, $6, $7) ON CONFLICT (webhook_id) DO NOTHING",
+                d["webhook_id"],
+                d["url"],
+                list(d["events"]),
+                d["secret"],
+                ev.version,
+                ev.recorded_at,
+                ev.metadata.get("actor"),
+            )
+        elif ev.type == "webhook.deleted":
+            await conn.execute(
+                "UPDATE webhooks SET status = 'deleted', deleted_at = $2, version = $3 WHERE webhook_id = $1",
+                d["webhook_id"],
+                ev.recorded_at,
+                ev.version,
+            )
+
+
+async def project_knap(conn: Conn, stream_id: str, events: list[RecordedEvent]) -> None:
+    """Inline projector for ``knap-<uuid>`` streams: the pre-configured Knaps."""
+    for ev in events:
+        if ev.type == "knap.registered":
+            await conn.execute(
+                "INSERT INTO knaps (knap_uuid, name, definition, created_by, created_at) VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (knap_uuid) DO NOTHING",
+                ev.data["knap_uuid"],
+                ev.data["name"],
+                ev.data["definition"],
+                ev.metadata.get("actor"),
+                ev.recorded_at,
+            )
+        elif ev.type == "knap.deleted":
+            await conn.execute(
+                "UPDATE knaps SET deleted_at = $2 WHERE knap_uuid = $1 AND deleted_at IS NULL",
+                ev.data["knap_uuid"],
+                ev.recorded_at,
+            )
+
+
+async def rebuild_knaps(conn: Conn) -> int:
+    """Truncate the Knaps projection and replay the ``knap-*`` streams into it. Returns Knaps rebuilt."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE knaps IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE knaps")
+        rows = await conn.fetch(
+            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
+            "recorded_at FROM events WHERE stream_id LIKE 'knap-%' ORDER BY position"
+        )
+        evs = [RecordedEvent(**dict(r)) for r in rows]
+        await project_knap(conn, "knap-*", evs)
+        return int(await conn.fetchval("SELECT count(*) FROM knaps"))
+
+
+INLINE_PROJECTORS: dict[str, Any] = {
+    "run": project_run,
+    "policy": project_policy,
+    "knap": project_knap,
+    "webhook": project_webhook,
+}
 
 
 async def rebuild_runs(conn: Conn) -> int:
@@ -370,4 +440,24 @@ async def rebuild_runs(conn: Conn) -> int:
             )
             evs = [RecordedEvent(**dict(r)) for r in rows]
             await project_run(conn, rec["stream_id"], evs)
+    return len(streams)
+
+
+async def rebuild_webhooks(conn: Conn) -> int:
+    """Truncate the ``webhooks`` projection and replay the ``webhook-*`` streams into it. Returns webhooks rebuilt.
+
+    (The delivery log is the webhooks service's operational state, not a projection: a rebuild leaves it alone.)
+    """
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE webhooks IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE webhooks")
+        rows = await conn.fetch(
+            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
+            "recorded_at FROM events WHERE stream_id LIKE 'webhook-%' ORDER BY stream_id, version"
+        )
+        streams: dict[str, list[RecordedEvent]] = {}
+        for r in rows:
+            streams.setdefault(r["stream_id"], []).append(RecordedEvent(**dict(r)))
+        for stream_id, evs in streams.items():
+            await project_webhook(conn, stream_id, evs)
     return len(streams)

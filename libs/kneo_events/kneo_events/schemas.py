@@ -411,6 +411,24 @@ class RunTimedOut(EventPayload):
 
 
 @register
+class KnapRegistered(EventPayload):
+    """A pre-configured Knap was registered (stream ``knap-<uuid>``): its tools, instructions and model."""
+
+    type: ClassVar[str] = "knap.registered"
+    knap_uuid: str
+    name: str
+    definition: JSON
+
+
+@register
+class KnapDeleted(EventPayload):
+    """A pre-configured Knap was deleted."""
+
+    type: ClassVar[str] = "knap.deleted"
+    knap_uuid: str
+
+
+@register
 class CommandDeadLettered(EventPayload):
     """A command kept failing past its delivery limit; recorded so the queue moves on."""
 
@@ -455,6 +473,32 @@ class RunForked(_RunBranched):
     sequence: int
 
 
+# ---------------------------------------------------------------- webhooks (docs/webhooks.md)
+
+
+@register
+class WebhookRegistered(EventPayload):
+    """``POST /webhooks``: a subscriber's URL and event types (stream ``webhook-<id>``).
+
+    ``secret`` is the signing secret SEALED (AES-256-GCM, ``kneo_events.sealing``), never the plain text: the log is
+    read by audit, history APIs and the bus.
+    """
+
+    type: ClassVar[str] = "webhook.registered"
+    webhook_id: str
+    url: str
+    events: list[str]
+    secret: JSON
+
+
+@register
+class WebhookDeleted(EventPayload):
+    """``DELETE /webhooks/{id}``: no delivery is attempted for the webhook any more (pending ones are cancelled)."""
+
+    type: ClassVar[str] = "webhook.deleted"
+    webhook_id: str
+
+
 # ---------------------------------------------------------------- governance
 
 
@@ -480,6 +524,19 @@ NO_POLICY = EnvironmentPolicyEnforcement(enabled=False)  # what an environment w
 
 
 # ---------------------------------------------------------------- governance events
+
+
+@register
+class JobCleaned(EventPayload):
+    """A job's sandbox was deleted for good (``POST /jobs/{id}/cleanup`` or the retention sweep); on the run's stream.
+
+    Every job sharing the sandbox (a job and its continuations) gets one. The run's status never changes.
+    """
+
+    type: ClassVar[str] = "job.cleaned"
+    sandbox_id: str
+    reason: str = "cleanup"  # cleanup | retention
+    cleaned_at: str | None = None
 
 
 @register
@@ -540,6 +597,25 @@ class SpecPolicyReported(_SpecOperation):
     """``POST /v1/specs/policy-report`` or ``GET /v1/runs/{run_id}/policy-report`` (``source: "run"``)."""
 
     type: ClassVar[str] = "spec.policy_reported"
+
+
+# ---------------------------------------------------------------- workspaces (Jobs face)
+
+
+@register
+class WorkspaceUploaded(EventPayload):
+    """A workspace archive was unpacked under the workspace root (stream ``workspace-<name>``).
+
+    The files live on disk, not in the log; this is the audit trail of who put which archive there.
+    """
+
+    type: ClassVar[str] = "workspace.uploaded"
+    name: str
+    files: int
+    bytes: int
+    sha256: str  # of the uploaded .tar.gz as received
+    archive_bytes: int = 0
+    replaced: bool = False
 
 
 # ---------------------------------------------------------------- commands

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -112,9 +112,72 @@ class Settings(BaseSettings):
         default=1.0, gt=0, validation_alias=AliasChoices("KNEO_AUDIT_POLL_INTERVAL_SECONDS")
     )
 
+    # --- webhooks (docs/webhooks.md)
+    # None = follow the deployment: on for the embedded local platform (no server URLs set), off otherwise.
+    webhooks_allow_private: bool | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_WEBHOOKS_ALLOW_PRIVATE")
+    )
+    # base64 or hex of 32 bytes; several comma-separated: the first seals, all open (rotation). Unset: a key file
+    # generated once under the data dir (<data_dir>/webhooks.key, mode 0600).
+    webhooks_secret_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_WEBHOOKS_SECRET_KEY")
+    )
+    webhooks_max_attempts: int = Field(
+        default=10, ge=1, le=100, validation_alias=AliasChoices("KNEO_WEBHOOKS_MAX_ATTEMPTS")
+    )
+    webhooks_backoff_base_seconds: float = Field(
+        default=5.0, gt=0, validation_alias=AliasChoices("KNEO_WEBHOOKS_BACKOFF_BASE_SECONDS")
+    )
+    webhooks_backoff_max_seconds: float = Field(
+        default=3600.0, gt=0, validation_alias=AliasChoices("KNEO_WEBHOOKS_BACKOFF_MAX_SECONDS")
+    )
+    webhooks_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, validation_alias=AliasChoices("KNEO_WEBHOOKS_TIMEOUT_SECONDS")
+    )
+    webhooks_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, validation_alias=AliasChoices("KNEO_WEBHOOKS_POLL_INTERVAL_SECONDS")
+    )
+    webhooks_concurrency: int = Field(
+        default=16, ge=1, le=256, validation_alias=AliasChoices("KNEO_WEBHOOKS_CONCURRENCY")
+    )
+
     # --- Knap face: the smart cache of identical tool calls within a chat
     knap_cache_ttl_seconds: float = Field(
         default=600.0, ge=0, validation_alias=AliasChoices("KNEO_KNAP_CACHE_TTL_SECONDS")
+    )
+    # the model of Knap runs (the dummy provider unless configured), as a spec's model block
+    knap_provider: str = Field(default="dummy", validation_alias=AliasChoices("KNEO_KNAP_PROVIDER"))
+    knap_model: str = Field(default="dummy-knap", validation_alias=AliasChoices("KNEO_KNAP_MODEL"))
+    knap_model_params: str = Field(default="{}", validation_alias=AliasChoices("KNEO_KNAP_MODEL_PARAMS"))  # JSON
+    # the built-in connectors' data, on the runner's disk (relative paths: to the spec root)
+    knap_gmail_mailbox: str = Field(
+        default="examples/knap/mail.mbox", validation_alias=AliasChoices("KNEO_KNAP_GMAIL_MAILBOX")
+    )
+    knap_calendar_path: str = Field(
+        default="examples/knap/calendar.ics", validation_alias=AliasChoices("KNEO_KNAP_CALENDAR_PATH")
+    )
+    # more connectors (tool_type -> tool entries / MCP servers), a YAML file
+    knap_connectors_path: Path | None = Field(default=None, validation_alias=AliasChoices("KNEO_KNAP_CONNECTORS_PATH"))
+    knap_max_messages: int = Field(default=100, ge=1, validation_alias=AliasChoices("KNEO_KNAP_MAX_MESSAGES"))
+    knap_max_tool_types: int = Field(default=20, ge=1, validation_alias=AliasChoices("KNEO_KNAP_MAX_TOOL_TYPES"))
+
+    # --- Jobs face (docs/jobs.md): sandboxes, retention, model names, artifact bounds
+    sandbox_root: Path | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_SANDBOX_ROOT")
+    )  # None: <data_dir>/sandboxes (see sandbox_dir)
+    sandbox_retention_days: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("KNEO_SANDBOX_RETENTION_DAYS")
+    )
+    sandbox_sweep_interval_seconds: float = Field(
+        default=300.0, gt=0, validation_alias=AliasChoices("KNEO_SANDBOX_SWEEP_INTERVAL_SECONDS")
+    )
+    # JSON object: job model name -> "provider:model" or {"provider", "name", "params"}; merged over the defaults
+    jobs_model_map: str = Field(default="", validation_alias=AliasChoices("KNEO_JOBS_MODEL_MAP"))
+    jobs_artifact_max_bytes: int = Field(
+        default=1_048_576, gt=0, validation_alias=AliasChoices("KNEO_JOBS_ARTIFACT_MAX_BYTES")
+    )
+    jobs_artifacts_max_total_bytes: int = Field(
+        default=8_388_608, gt=0, validation_alias=AliasChoices("KNEO_JOBS_ARTIFACTS_MAX_TOTAL_BYTES")
     )
 
     # --- runner
@@ -149,6 +212,19 @@ class Settings(BaseSettings):
         default=1000, ge=0, validation_alias=AliasChoices("KNEO_SERV_TOOL_RESULT_PREVIEW_CHARS")
     )
 
+    # --- workspaces (Jobs face, docs/workspaces.md): uploaded .tar.gz trees that jobs mount
+    workspace_root: Path | None = Field(
+        default=None, validation_alias=AliasChoices("KNEO_WORKSPACE_ROOT")
+    )  # None: <data_dir>/workspaces
+    workspace_max_upload_bytes: int = Field(
+        default=104_857_600, gt=0, validation_alias=AliasChoices("KNEO_WORKSPACE_MAX_UPLOAD_BYTES")
+    )
+    workspace_max_bytes: int = Field(
+        default=1_073_741_824, gt=0, validation_alias=AliasChoices("KNEO_WORKSPACE_MAX_BYTES")
+    )
+    workspace_max_files: int = Field(default=10_000, gt=0, validation_alias=AliasChoices("KNEO_WORKSPACE_MAX_FILES"))
+    workspace_max_ratio: float = Field(default=200.0, gt=1, validation_alias=AliasChoices("KNEO_WORKSPACE_MAX_RATIO"))
+
     @field_validator("max_list_items")
     @classmethod
     def _cap_list_items(cls, v: int) -> int:
@@ -156,7 +232,43 @@ class Settings(BaseSettings):
             raise ValueError("KNEO_SERV_MAX_LIST_ITEMS must be between 1 and 1000 (the seed's cap)")
         return v
 
+    @field_validator("jobs_model_map")
+    @classmethod
+    def _jobs_model_map(cls, v: str) -> str:
+        if v.strip():
+            import json
+
+            try:
+                parsed = json.loads(v)
+            except ValueError as exc:
+                raise ValueError(f"KNEO_JOBS_MODEL_MAP is not JSON: {exc}") from None
+            if not isinstance(parsed, dict) or not all(isinstance(m, str | dict) for m in parsed.values()):
+                raise ValueError('KNEO_JOBS_MODEL_MAP must map names to "provider:model" or {"provider", "name"}')
+        return v
+
+    @property
+    def sandbox_dir(self) -> Path:
+        """Where job sandboxes live: ``KNEO_SANDBOX_ROOT``, else ``<KNEO_DATA_DIR>/sandboxes`` (absolute)."""
+        return (self.sandbox_root or self.data_dir / "sandboxes").expanduser().resolve()
+
     @property
     def embedded(self) -> bool:
         """True when neither server URL is set: kneo starts its own."""
         return self.nats_url is None and self.database_url is None
+
+    @model_validator(mode="after")
+    def _webhooks_private_default(self) -> Settings:
+        # Decided when the settings are built, i.e. before the embedded servers' URLs are filled in: the local
+        # embedded platform may deliver to loopback/private receivers, a deployment with server URLs may not.
+        if self.webhooks_allow_private is None:
+            self.webhooks_allow_private = self.embedded
+        return self
+
+    @field_validator("webhooks_secret_key")
+    @classmethod
+    def _webhook_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value().strip():
+            from kneo_events.sealing import parse_keys
+
+            parse_keys(v.get_secret_value())  # a malformed key is a start-up error, not a failed delivery later
+        return v

@@ -17,7 +17,12 @@ from kneo_gateway.middleware import BodyLimit, RequestContext
 from kneo_gateway.ratelimit import RateLimiter
 from kneo_gateway.responses import COMMON_ERRORS, JSONBody
 from kneo_gateway.routers import audit, governance, health, human, lineage, runs, specs
+from kneo_gateway.routers import console as console_page
 from kneo_gateway.routers import inspect as run_inspection
+from kneo_gateway.routers import jobs as job_routes
+from kneo_gateway.routers import knap as knap_routes
+from kneo_gateway.routers import webhooks as webhook_routes
+from kneo_gateway.routers import workspaces as workspace_routes
 from kneo_gateway.state import Gateway
 
 VERSIONED = (
@@ -69,6 +74,16 @@ def create_app(kernel: Kernel) -> FastAPI:
     for router in VERSIONED:  # one definition, two mounts: /v1/... and the legacy unversioned alias
         app.include_router(router, prefix="/v1", responses=COMMON_ERRORS)
         app.include_router(router, responses=COMMON_ERRORS, deprecated=True)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(job_routes.router)  # the Jobs face's paths: no /v1 prefix
+    app.include_router(workspace_routes.router)  # the Jobs face's paths: no /v1 prefix
+    app.include_router(console_page.router)
+    app.include_router(knap_routes.router)  # the Knap face's paths: /api/...
+    # Workspace uploads have their own (larger) cap, streamed rather than buffered; 1 MiB of slack for the form.
+    streamed = {"/workspaces": settings.workspace_max_upload_bytes + 1_048_576}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, streamed=streamed)
+    # Webhooks: the Jobs face's paths (Jobs error envelope); /v1/webhooks is an alias outside the schema whose
+    # errors come in the Kneo envelope like every /v1 path.
+    app.include_router(webhook_routes.router)
+    app.include_router(webhook_routes.router, prefix="/v1", include_in_schema=False)
     app.add_middleware(RequestContext, request_logs=settings.request_logs)
     return app

@@ -28,6 +28,12 @@ SCOPES = (
     "credentials:read",
     "policies:read",
     "policies:write",
+    "workspaces:read",
+    "workspaces:write",
+    "jobs:read",
+    "jobs:write",
+    "webhooks:read",
+    "webhooks:write",
 )
 ROLES: dict[str, frozenset[str]] = {
     "admin": frozenset(SCOPES),
@@ -41,6 +47,12 @@ ROLES: dict[str, frozenset[str]] = {
             "credentials:read",
             "policies:read",
             "policies:write",
+            "workspaces:read",
+            "workspaces:write",
+            "jobs:read",
+            "jobs:write",
+            "webhooks:read",
+            "webhooks:write",
         }
     ),
     "reviewer": frozenset({"runs:read", "human:read", "human:write", "audit:read"}),
@@ -55,9 +67,15 @@ ROLES: dict[str, frozenset[str]] = {
             "audit:write",
             "credentials:read",
             "policies:read",
+            "workspaces:read",
+            "workspaces:write",
+            "jobs:read",
+            "jobs:write",
+            "webhooks:read",
+            "webhooks:write",
         }
     ),
-    "viewer": frozenset({"runs:read", "specs:read", "human:read", "audit:read"}),
+    "viewer": frozenset({"runs:read", "specs:read", "human:read", "audit:read", "workspaces:read", "jobs:read"}),
 }
 ANONYMOUS = "anonymous"
 
