@@ -150,16 +150,19 @@ def status(service_url: ServiceUrl = None, profile: Profile = None) -> None:
 @service_app.command("rebuild-projections")
 def rebuild_projections(
     projection: Annotated[
-        str, typer.Argument(help="Which projection to rebuild: runs (runs, plans, human tasks), audit, knaps, or all.")
+        str,
+        typer.Argument(
+            help="Which projection to rebuild: runs (runs, plans, human tasks), audit, knaps, webhooks, or all."
+        ),
     ] = "runs",
 ) -> None:
     """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
     from kneo_audit.projection import rebuild as rebuild_audit
     from kneo_client.bootstrap import resolve_infra, run_sync
-    from kneo_events.projections import rebuild_knaps, rebuild_runs
+    from kneo_events.projections import rebuild_knaps, rebuild_runs, rebuild_webhooks
     from kneo_events.store import EventStore
 
-    choices = ("runs", "audit", "knaps", "all")
+    choices = ("runs", "audit", "knaps", "webhooks", "all")
     if projection not in choices:
         err.print(f"kneo: unknown projection {projection!r}; choose: {', '.join(choices)}")
         raise typer.Exit(2)
@@ -180,6 +183,9 @@ def rebuild_projections(
             if projection in ("knaps", "all"):
                 async with store.pool.acquire() as conn:
                     done.append(f"knaps ({await rebuild_knaps(conn)} Knaps)")
+            if projection in ("webhooks", "all"):
+                async with store.pool.acquire() as conn:
+                    done.append(f"webhooks ({await rebuild_webhooks(conn)} webhooks)")
             return done
         finally:
             await store.close()

@@ -41,6 +41,11 @@ AUDITED: dict[str, str] = {
     "credential.inventory_accessed": "credential.inventory_accessed",
     "policy.changed": "policy.changed",
     "workspace.uploaded": "workspace.uploaded",
+    "webhook.registered": "webhook.registered",
+    "webhook.deleted": "webhook.deleted",
+    "knap.registered": "knap.registered",
+    "knap.deleted": "knap.deleted",
+    "job.cleaned": "job.cleaned",
 }
 
 
@@ -65,6 +70,8 @@ def _payload(ev: RecordedEvent) -> JSON:
             "reviewer": d.get("reviewer"),
             "content_present": content not in (None, "", {}),
         }
+    if ev.type == "webhook.registered":  # never the (sealed) secret
+        return {k: d.get(k) for k in ("webhook_id", "url", "events")}
     if ev.type == "policy.changed":
         return {k: d.get(k) for k in ("surface", "environment", "changed_fields", "previous", "current")}
     return dict(d)
