@@ -114,11 +114,21 @@ async def hold(kernel: Kernel, job_id: str) -> None:
 
 
 async def release_held(kernel: Kernel) -> list[str]:
-    """Start every held continuation whose job ended (or vanished); returns their ids."""
+    """Start held continuations whose job ended (or vanished); returns their ids.
+
+    At most one per sandbox, the oldest, and only when no other job of that sandbox is active (running, paused, or
+    queued and not held): two continuations queued behind one job must not start together in one folder.
+    """
     rows = await kernel.store.pool.fetch(
-        "SELECT c.run_id FROM runs c LEFT JOIN runs p ON p.run_id = c.state->'metadata'->'job'->>'queued_behind' "
+        "SELECT DISTINCT ON (c.state->'metadata'->'job'->>'sandbox_id') c.run_id FROM runs c "
+        "LEFT JOIN runs p ON p.run_id = c.state->'metadata'->'job'->>'queued_behind' "
         "WHERE c.face = 'jobs' AND c.status = 'queued' AND c.lease_until > clock_timestamp() + interval '365 days' "
-        "AND (p.run_id IS NULL OR p.status = ANY($1::text[])) ORDER BY c.created_at LIMIT 100",
+        "AND (p.run_id IS NULL OR p.status = ANY($1::text[])) "
+        "AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.face = 'jobs' AND o.run_id <> c.run_id "
+        "AND o.state->'metadata'->'job'->>'sandbox_id' = c.state->'metadata'->'job'->>'sandbox_id' "
+        "AND NOT (o.status = ANY($1::text[])) "
+        "AND NOT (o.status = 'queued' AND COALESCE(o.lease_until > clock_timestamp() + interval '365 days', false))) "
+        "ORDER BY c.state->'metadata'->'job'->>'sandbox_id', c.created_at LIMIT 100",
         _TERMINAL,
     )
     released = []

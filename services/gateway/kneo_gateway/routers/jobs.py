@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
@@ -30,7 +31,31 @@ from kneo_gateway.routers.runs import RunStart, once
 from kneo_gateway.runs_io import RunRequest
 from kneo_gateway.state import Gateway
 
-router = APIRouter(tags=["jobs"])
+
+class CurlJsonRoute(APIRoute):
+    """Reads a body sent as ``application/x-www-form-urlencoded`` as JSON.
+
+    That is what ``curl -d '{...}'`` sends when no ``Content-Type`` is given, as the seed's own shorthand examples do
+    (seeds/000 "Reuse Sandboxes": ``curl -X POST .../jobs -d '{"spec": {...}}'``). Without this FastAPI would not
+    parse such a body at all and answer 400 for a well-formed spec. The Jobs routes take no form bodies, so nothing
+    is lost; a body that is not JSON is still a 400.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype == "application/x-www-form-urlencoded":
+                headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
+                request = Request({**request.scope, "headers": headers}, request.receive)
+            return await handler(request)
+
+        return route
+
+
+router = APIRouter(tags=["jobs"], route_class=CurlJsonRoute)
 
 MAX_PAGE_SIZE = 100
 # job status -> the SQL condition on the runs projection (``cleaned`` wins over the run's own status)
@@ -140,7 +165,14 @@ async def _start(
         else:
             pjob = parent["metadata"]["job"]
             sandbox_id, session_id, parent_id = pjob["sandbox_id"], pjob["cursor_session_id"], parent["run_id"]
-            held = parent["status"] not in TERMINAL_STATUSES  # continuing a queued or running job queues behind it
+            # One job at a time per sandbox: queue behind the newest unfinished job using it (the parent, or an
+            # earlier continuation: seeds/000 continues one $JOB_ID three times in a row).
+            busy = [
+                j["run_id"]
+                for j in await sandboxes.jobs_of_sandbox(gw.kernel, sandbox_id)
+                if j["status"] not in TERMINAL_STATUSES
+            ]
+            held = bool(busy)
         run_spec = specs.build_spec(
             spec,
             settings,
@@ -159,7 +191,7 @@ async def _start(
             "cursor_session_id": session_id,
         }
         if held:
-            job_meta["queued_behind"] = parent_id
+            job_meta["queued_behind"] = busy[-1]
         body = RunRequest(input=spec.prompt, async_mode=True, metadata={"job": job_meta})
         run = RunStart(gw, request, body, run_spec, None, principal.name)
         run.route, run.face = route, "jobs"
