@@ -127,3 +127,77 @@ async def test_the_console_follows_a_run_live_in_a_browser(platform_factory: Any
             assert errors == [], errors
         finally:
             await browser.close()
+
+
+async def test_a_job_started_through_the_api_streams_into_the_console_without_errors(
+    platform_factory: Any, tmp_path: Path
+) -> None:
+    """seeds/002 "Web Console": a job started with POST /jobs appears with its status, its output streams in over
+    /jobs/{id}/cursor/stream, its artifacts show, and the browser console logs no error at all."""
+    import json
+
+    from playwright.async_api import async_playwright, expect
+
+    chromium = _chromium()
+    slow = {"slow": {"provider": "dummy", "name": "slow", "params": {"latency_ms": 300, "chunks": 10}}}
+    p = await platform_factory(
+        api_keys=SecretStr(KEYS), jobs_model_map=json.dumps(slow), sandbox_root=tmp_path / "sandboxes"
+    )
+    op = {"Authorization": "Bearer op-token"}
+    prompt = "Write a fibonacci script"
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.on(
+                "console",
+                lambda msg: errors.append(f"console: {msg.text} {msg.location}") if msg.type == "error" else None,
+            )
+            page.on("response", lambda r: errors.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+            # the key typed into this tab earlier: with it in sessionStorage no request is ever refused (a refused
+            # fetch would itself log a console error)
+            await page.add_init_script("sessionStorage.setItem('kneo.console.apiKey', 'view-token')")
+            await page.goto(f"{p.url}/console")
+            await expect(page.locator("#conn")).to_have_text("key in use", timeout=15_000)
+
+            async with httpx.AsyncClient(base_url=p.url, timeout=30, headers=op) as http:
+                created = await http.post(
+                    "/jobs", json={"spec": {"job_type": "cursor_task", "prompt": prompt, "model": "slow"}}
+                )
+                assert created.status_code == 200, created.text
+                job_id = created.json()["job_id"]
+                await page.click("#refresh")
+                row = page.locator(f'tr[data-id="{job_id}"]')
+                await expect(row).to_be_visible(timeout=15_000)
+                await expect(row.locator("td.kind")).to_have_text("jobs:cursor_task")
+                await expect(row.locator("td.status")).to_have_text(re.compile("^(queued|running)$"))
+                await row.click()
+
+                output = page.locator("#output")
+                await expect(output).not_to_be_empty(timeout=20_000)
+                # it streamed in: the first output was on the page while the job was still working
+                assert (await http.get(f"/jobs/{job_id}")).json()["status"] in ("queued", "running")
+                await expect(output).to_contain_text("[completed]", timeout=60_000)
+                await expect(row.locator("td.status")).to_have_text("completed", timeout=15_000)
+                cursor = (await http.get(f"/jobs/{job_id}/cursor")).json()["events"]
+                artifacts = (await http.get(f"/jobs/{job_id}/artifacts")).json()
+            text = await output.text_content() or ""
+            for item in cursor:  # every item of the job's transcript is in the pane
+                if item["type"] == "tool_use":
+                    assert f"→ {item['tool']}" in text
+                elif item["type"] == "file_created":
+                    assert f"+ {item['path']}" in text
+                elif item["type"] == "agent_message":
+                    assert item["message"] in text, (item["message"], text)
+            box = page.locator("#artifacts")
+            await expect(box.locator("summary")).to_have_text(list(artifacts))
+            assert {"result.json", prompt} <= set(artifacts)
+            await box.locator("summary", has_text="result.json").click()
+            await expect(box).to_contain_text(f'"job_id": "{job_id}"')
+            assert errors == [], errors
+        finally:
+            await browser.close()
