@@ -33,6 +33,7 @@ test-compat: $(STAMP)  ## integration + e2e against this machine's PostgreSQL 15
 bench: $(STAMP)  ## benchmarks (writes JSON to bench/results/)
 	$(BIN)/python -m tests.bench.bench_runs
 	$(BIN)/python -m tests.bench.bench_runs --workflow fanout8 --runs 400 --sequential 100 --sse 50
+	$(BIN)/python -m tests.bench.bench_jobs
 
 lint: $(STAMP)  ## ruff + mypy --strict on libs/kneo_events
 	$(BIN)/ruff check .
