@@ -113,7 +113,7 @@ class Receiver:
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+    def capture_signals(self):  # type: ignore[no-untyped-def]
         yield  # Ctrl-C reaches the benchmark, which stops everything in order
 
 
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[jobs] logs and data kept in {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    record = {
+    record: dict[str, Any] = {
         "ts": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "git": code,
