@@ -15,9 +15,10 @@ from rich.console import Console
 
 from kneo_client.config_cli import config_app
 from kneo_client.human_cli import audit_app, human_app
+from kneo_client.jobs_cli import jobs_app, webhooks_app, workspaces_app
 from kneo_client.knap_cli import knap_app
 from kneo_client.profiles import Connection
-from kneo_client.remote import Profile, ServiceUrl, connection, with_client
+from kneo_client.remote import Profile, ServiceUrl, connection, spinner, with_client
 from kneo_client.sdk import AsyncServiceClient, ServiceError
 from kneo_client.spec_cli import spec_app
 
@@ -31,6 +32,9 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(human_app, name="human")
 app.add_typer(audit_app, name="audit")
 app.add_typer(knap_app, name="knap")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(workspaces_app, name="workspaces")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -133,8 +137,14 @@ def run_service(
 
 
 @service_app.command("status")
-def status(service_url: ServiceUrl = None, profile: Profile = None) -> None:
-    """Show whether the service answers and its readiness checks."""
+def status(
+    service_url: ServiceUrl = None,
+    profile: Profile = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (the readiness answer; also the default).")
+    ] = False,
+) -> None:
+    """Show whether the service answers and its readiness checks (JSON); exit 1 when not ready, 5 unreachable."""
     import httpx
 
     url = _service_url(service_url, profile) or "http://127.0.0.1:8000"
@@ -155,6 +165,7 @@ def rebuild_projections(
             help="Which projection to rebuild: runs (runs, plans, human tasks), audit, knaps, webhooks, or all."
         ),
     ] = "runs",
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was rebuilt as JSON.")] = False,
 ) -> None:
     """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
     from kneo_audit.projection import rebuild as rebuild_audit
@@ -194,6 +205,9 @@ def rebuild_projections(
         done = run_sync(go())
     finally:
         infra.stop()
+    if as_json:
+        _print_json({"projection": projection, "rebuilt": done})
+        return
     err.print(f"kneo: rebuilt from the log: {'; '.join(done)}")
 
 
@@ -217,22 +231,33 @@ async def _submit_and_follow(
     if not as_json:
         err.print(f"[bold]run[/bold] {run_id}")
     current_step = None
-    async for ev in client.stream_run(run_id):
-        if as_json:
-            continue
-        if ev.event == "output":
-            chunk = ev.json()
-            if chunk["step_id"] != current_step:
-                current_step = chunk["step_id"]
-                out.print(f"\n[cyan]▸ {current_step}[/cyan] ", end="")
-            out.print(chunk["text"], end="", soft_wrap=True)
-        elif ev.event in ("run.failed", "run.cancelled", "step.failed", "step.retrying", "step.restarted"):
-            data = ev.json()
-            out.print(f"\n[yellow]{ev.event}[/yellow] {data.get('data', data)}")
+    stream = client.stream_run(run_id)
+    try:
+        async for ev in stream:
+            if ev.event == "human.requested":  # the run waits for a decision: stop following, say how to resume
+                break
+            if not as_json:
+                _show_event(ev, current_step)
+                if ev.event == "output":
+                    current_step = ev.json()["step_id"]
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # an async generator
     if not as_json:
         out.print()
     state = await client.get_run(run_id)
     return {**body, **state, "human_intervention_required": state["status"] == "paused"}
+
+
+def _show_event(ev: Any, current_step: str | None) -> None:
+    """One event of a followed run: output chunks as they come (a header per step), trouble on its own line."""
+    if ev.event == "output":
+        chunk = ev.json()
+        if chunk["step_id"] != current_step:
+            out.print(f"\n[cyan]▸ {chunk['step_id']}[/cyan] ", end="")
+        out.print(chunk["text"], end="", soft_wrap=True)
+    elif ev.event in ("run.failed", "run.cancelled", "step.failed", "step.retrying", "step.restarted"):
+        data = ev.json()
+        out.print(f"\n[yellow]{ev.event}[/yellow] {data.get('data', data)}")
 
 
 def _print_run(state: dict[str, Any], as_json: bool) -> None:
@@ -246,12 +271,21 @@ def _print_run(state: dict[str, Any], as_json: bool) -> None:
             out.print(f"[bold]{key}[/bold]  {state[key]}")
     if state.get("output_text"):
         out.print(f"[bold]output[/bold]  {state['output_text']}")
+    pending = (state.get("metadata") or {}).get("pending_human_request") or {}
+    cid = state.get("continuation_id") or pending.get("continuation_id")
+    rid = pending.get("request_id")
+    if state["status"] == "paused" and cid and rid:
+        out.print(f"[bold]continuation_id[/bold]  {cid}")
+        out.print(f"[bold]request_id[/bold]  {rid}")
+        if pending.get("prompt"):
+            out.print(f"[bold]prompt[/bold]  {pending['prompt']}")
+        out.print(f"waiting for a human decision; resume with: kneo human resume {cid} --request-id {rid} --approve")
 
 
 @app.command("run")
 def run_cmd(
     spec: Annotated[Path, typer.Argument(help="Spec YAML file.", exists=True, dir_okay=False, readable=True)],
-    run_input: Annotated[str | None, typer.Option("--input", help="Input text for the run.")] = None,
+    run_input: Annotated[str | None, typer.Option("--input", "-i", help="Input text for the run.")] = None,
     target: Annotated[str, typer.Option(help="workflow or agent.")] = "workflow",
     env: Annotated[str | None, typer.Option("--env", help="Project environment (overlay).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final state as JSON.")] = False,
@@ -267,7 +301,8 @@ def run_cmd(
     _enforce_project_policy(spec, env)
     conn = connection(service_url, profile, default=None)
     if conn.url:
-        state = asyncio.run(_run_remote(conn, spec, run_input, env, target, follow, as_json))
+        with spinner(f"running {spec.name} on {conn.url}…", quiet=as_json or follow):
+            state = asyncio.run(_run_remote(conn, spec, run_input, env, target, follow, as_json))
     else:
         state = _run_local(spec, run_input, env, target, follow, as_json)
     _print_run(state, as_json)
@@ -408,9 +443,9 @@ def runs_list(
     if as_json:
         _print_json(page)
         return
-    from rich.table import Table
+    from kneo_client.remote import table as make_table
 
-    table = Table("run_id", "status", "workflow", "created_at")
+    table = make_table("run_id", "status", "workflow", "created_at")
     for r in page["runs"]:
         table.add_row(r["run_id"], r["status"], r.get("workflow_name") or "", r.get("created_at") or "")
     out.print(table)
@@ -429,16 +464,21 @@ def runs_events(run_id: str, service_url: ServiceUrl = None, profile: Profile = 
 
 
 @runs_app.command("watch")
-def runs_watch(run_id: str, service_url: ServiceUrl = None, profile: Profile = None) -> None:
-    """Follow a run live (events and output) until it ends."""
+def runs_watch(run_id: str, service_url: ServiceUrl = None, profile: Profile = None, as_json: AsJson = False) -> None:
+    """Follow a run live (events and output) until it ends; --json prints one SSE event per line."""
 
     async def go(client: AsyncServiceClient) -> None:
         async for ev in client.stream_run(run_id):
+            if as_json:
+                sys.stdout.write(orjson.dumps({"event": ev.event, "id": ev.id, "data": ev.json()}).decode() + "\n")
+                sys.stdout.flush()
+                continue
             if ev.event == "output":
                 out.print(ev.json()["text"], end="")
             else:
                 out.print(f"\n[bold]{ev.event}[/bold] (v{ev.id})")
-        out.print()
+        if not as_json:
+            out.print()
 
     asyncio.run(_with_client(_remote(service_url, profile), go))
 
@@ -508,9 +548,9 @@ def _print_view(value: dict[str, Any], as_json: bool, rows: str | None = None, c
         for key, item in value.items():
             out.print(f"[bold]{key}[/bold]  {orjson.dumps(item).decode() if isinstance(item, dict | list) else item}")
         return
-    from rich.table import Table
+    from kneo_client.remote import table as make_table
 
-    table = Table(*columns)
+    table = make_table(*columns)
     for row in value[rows]:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     out.print(table)

@@ -71,9 +71,9 @@ def human_list(
     if as_json:
         _print_json(page)
         return
-    from rich.table import Table
+    from kneo_client.remote import table as make_table
 
-    table = Table("continuation_id", "status", "run_id", "step", "request_id", "prompt")
+    table = make_table("continuation_id", "status", "run_id", "step", "request_id", "prompt")
     for t in page["tasks"]:
         prompt = t["request"]["prompt"]
         table.add_row(
@@ -121,16 +121,19 @@ def human_resume(
         raise typer.Exit(2)
     decision, value = chosen[0]
     content = value if decision in ("edited", "provided") else reason
-    body = _call(
-        service_url,
-        profile,
-        "resume_human_task",
-        continuation_id,
-        request_id,
-        decision,
-        content=content,
-        selected_option=value if decision == "selected" else None,
-    )
+    from kneo_client.remote import spinner
+
+    with spinner(f"resuming {continuation_id} ({decision})…", quiet=as_json):
+        body = _call(
+            service_url,
+            profile,
+            "resume_human_task",
+            continuation_id,
+            request_id,
+            decision,
+            content=content,
+            selected_option=value if decision == "selected" else None,
+        )
     if as_json:
         _print_json(body)
         return
@@ -183,9 +186,9 @@ def audit_list(
     if as_json:
         _print_json(page)
         return
-    from rich.table import Table
+    from kneo_client.remote import table as make_table
 
-    table = Table("occurred_at", "event_type", "actor", "run_id", "request_id")
+    table = make_table("occurred_at", "event_type", "actor", "run_id", "request_id")
     for e in page["events"]:
         table.add_row(e["occurred_at"], e["event_type"], e["actor"], e.get("run_id") or "", e.get("request_id") or "")
     out.print(table)

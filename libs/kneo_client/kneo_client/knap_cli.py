@@ -114,9 +114,9 @@ def knap_list(as_json: AsJson = False, service_url: ServiceUrl = None, profile: 
     if as_json:
         _print_json(page)
         return
-    from rich.table import Table
+    from kneo_client.remote import table as make_table
 
-    table = Table("knap_uuid", "name", "tools", "created_at")
+    table = make_table("knap_uuid", "name", "tools", "created_at")
     for k in page["knaps"]:
         table.add_row(
             k["knap_uuid"], k["name"], ", ".join(t["tool_type"] for t in k.get("tool_types", [])), k["created_at"]

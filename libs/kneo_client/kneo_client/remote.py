@@ -5,8 +5,9 @@ client failures into one line on stderr and the CLI's exit code (1 failed, 2 usa
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -101,3 +102,32 @@ async def with_client(target: Connection | str, call: Callable[[Any], Awaitable[
             fail(f"no service answers at {conn.url}; start one with `kneo service serve`", EXIT_UNREACHABLE)
         except ServiceError as exc:
             fail(describe(exc, conn), exit_for(exc))
+
+
+def on_terminal() -> bool:
+    """Whether stdout and stderr are both a terminal (colour, tables with borders, spinners); piped output is plain."""
+    import sys
+
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def spinner(message: str, *, quiet: bool = False) -> Iterator[None]:
+    """A spinner on stderr while the command waits (rich status) — only on a terminal, never with ``--json``
+    (``quiet``) or when the output is piped, so scripts see exactly the same bytes with or without it."""
+    if quiet or not on_terminal():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
+def table(*columns: str) -> Any:
+    """A rich table: boxed on a terminal, plain columns when piped (easy to ``grep``/``awk``)."""
+    from rich.table import Table
+
+    if on_terminal():
+        return Table(*columns)
+    return Table(*columns, box=None, show_edge=False, pad_edge=False)

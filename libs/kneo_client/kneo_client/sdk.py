@@ -410,10 +410,140 @@ class AsyncServiceClient:
         result: dict[str, Any] = self._check(await self.http.delete(f"/api/knaps/{knap_uuid}"))
         return result
 
+    # ------------------------------------------------------------------ the Jobs face, webhooks, workspaces
+
+    async def create_job(
+        self,
+        job_type: str,
+        prompt: str | None = None,
+        *,
+        model: str | None = None,
+        workspace_path: str | None = None,
+        idempotency_key: str | None = None,
+        **spec: Any,
+    ) -> dict[str, Any]:
+        """``POST /jobs`` ``{"spec": {job_type, prompt, model, workspace_path, …}}``: ``{"job_id", "status",
+        "sandbox_id", "cursor_session_id"}`` at once. Further spec fields (``session_id``, ``user_id``,
+        ``time_range``, ``metadata``) go in ``**spec``."""
+        body = {"job_type": job_type, "prompt": prompt, "model": model, "workspace_path": workspace_path, **spec}
+        payload = {"spec": {k: v for k, v in body.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        result: dict[str, Any] = self._check(await self.http.post("/jobs", json=payload, headers=headers))
+        return result
+
+    async def list_jobs(
+        self, *, status: str | None = None, job_type: str | None = None, page: int = 1, limit: int = 20
+    ) -> dict[str, Any]:
+        """``GET /jobs``: ``{"data": [job…], "pagination": {page, limit, total, pages}}``, newest first."""
+        params: dict[str, Any] = {"page": page, "limit": limit}
+        if status is not None:
+            params["status"] = status
+        if job_type is not None:
+            params["job_type"] = job_type
+        result: dict[str, Any] = self._check(await self.http.get("/jobs", params=params))
+        return result
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}``: the job with its ``events``, ``artifacts`` and ``error``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}"))
+        return result
+
+    async def job_events(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}/events``: ``{"events": [{ts, stage, level, detail}]}``."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/events"))
+        return result
+
+    async def job_artifacts(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}/artifacts``: file name -> content (JSON parsed, text, or ``{"encoding": "base64"}``)."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/artifacts"))
+        return result
+
+    async def job_cursor(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}/cursor``: ``{"events": [{type, …, timestamp}]}``, the agent's transcript."""
+        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/cursor"))
+        return result
+
+    async def stream_job_cursor(
+        self, job_id: str, last_event_id: str | None = None, max_reconnects: int = 10
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Follow ``GET /jobs/{job_id}/cursor/stream``: yields the cursor items (dicts) live, ending after the
+        ``completed`` item; reconnects with ``Last-Event-ID`` after a dropped connection (no item twice)."""
+        async for ev in self._follow(f"/jobs/{job_id}/cursor/stream", last_event_id, max_reconnects):
+            yield ev.json()
+
+    async def continue_job(
+        self, job_id: str, prompt: str | None = None, *, idempotency_key: str | None = None, **spec: Any
+    ) -> dict[str, Any]:
+        """``POST /jobs/{job_id}/continue`` ``{"spec": {prompt, …}}``: a new job in the parent's sandbox."""
+        body = {"prompt": prompt, **spec}
+        payload = {"spec": {k: v for k, v in body.items() if v is not None}}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        resp = await self.http.post(f"/jobs/{job_id}/continue", json=payload, headers=headers)
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    async def cleanup_job(self, job_id: str) -> dict[str, Any]:
+        """``POST /jobs/{job_id}/cleanup``: delete the job's sandbox (and mark every job sharing it ``cleaned``)."""
+        result: dict[str, Any] = self._check(await self.http.post(f"/jobs/{job_id}/cleanup"))
+        return result
+
+    async def create_webhook(self, url: str, events: list[str], secret: str) -> dict[str, Any]:
+        """``POST /webhooks``: ``{id, url, events, created_at}`` (the secret is never echoed)."""
+        body = {"url": url, "events": events, "secret": secret}
+        result: dict[str, Any] = self._check(await self.http.post("/webhooks", json=body))
+        return result
+
+    async def list_webhooks(self, *, page: int = 1, limit: int = 100) -> dict[str, Any]:
+        """``GET /webhooks``: ``{"data": [webhook…], "pagination"}``."""
+        params = {"page": page, "limit": limit}
+        result: dict[str, Any] = self._check(await self.http.get("/webhooks", params=params))
+        return result
+
+    async def delete_webhook(self, webhook_id: str) -> dict[str, Any]:
+        """``DELETE /webhooks/{id}``: ``{id, deleted: true, deleted_at}``."""
+        result: dict[str, Any] = self._check(await self.http.delete(f"/webhooks/{webhook_id}"))
+        return result
+
+    async def webhook_deliveries(self, webhook_id: str, *, page: int = 1, limit: int = 100) -> dict[str, Any]:
+        """``GET /webhooks/{id}/deliveries``: the delivery log, newest first."""
+        params = {"page": page, "limit": limit}
+        resp = await self.http.get(f"/webhooks/{webhook_id}/deliveries", params=params)
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    async def upload_workspace(
+        self, archive: str | os.PathLike[str] | bytes, name: str | None = None, *, replace: bool = False
+    ) -> dict[str, Any]:
+        """``POST /workspaces`` (multipart): upload a ``.tar.gz`` (a path, or its bytes) as workspace ``name``
+        (default: the file's name); 201 with the manifest. Jobs mount it with ``workspace_path="/workspaces/<name>"``.
+        To upload a folder, pack it first (``kneo workspaces upload DIR`` does)."""
+        if isinstance(archive, bytes):
+            data, filename = archive, f"{name or 'workspace'}.tar.gz"
+        else:
+            path = os.fspath(archive)
+            data, filename = await asyncio.to_thread(_read_bytes, path), os.path.basename(path)
+        form: dict[str, str] = {"replace": "true" if replace else "false"}
+        if name is not None:
+            form["name"] = name
+        files = {"workspace": (filename, data, "application/gzip")}
+        result: dict[str, Any] = self._check(await self.http.post("/workspaces", data=form, files=files))
+        return result
+
+    async def list_workspaces(self, *, page: int = 1, limit: int = 20) -> dict[str, Any]:
+        """``GET /workspaces``: ``{"data": [manifest…], "pagination"}``, by name."""
+        params = {"page": page, "limit": limit}
+        result: dict[str, Any] = self._check(await self.http.get("/workspaces", params=params))
+        return result
+
     async def stream_run(
         self, run_id: str, last_event_id: str | None = None, max_reconnects: int = 10
     ) -> AsyncIterator[SseEvent]:
         """Follow ``GET /v1/runs/{run_id}/stream``; reconnects with ``Last-Event-ID`` after a dropped connection."""
+        async for ev in self._follow(f"/v1/runs/{run_id}/stream", last_event_id, max_reconnects):
+            yield ev
+
+    async def _follow(self, path: str, last_event_id: str | None, max_reconnects: int) -> AsyncIterator[SseEvent]:
+        """An SSE stream that the server ends; resumed with ``Last-Event-ID`` after a dropped connection."""
         reconnects = 0
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -422,7 +552,7 @@ class AsyncServiceClient:
             try:
                 async with self.http.stream(
                     "GET",
-                    f"/v1/runs/{run_id}/stream",
+                    path,
                     headers=headers,
                     timeout=httpx.Timeout(30.0, read=60.0),
                 ) as resp:
@@ -439,6 +569,11 @@ class AsyncServiceClient:
                 if reconnects > max_reconnects:
                     raise
                 await asyncio.sleep(min(2.0, 0.1 * 2**reconnects))
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
