@@ -239,10 +239,11 @@ async def list_jobs(
     job_type: Annotated[str | None, Query(description=f"One of {', '.join(JOB_TYPES)}")] = None,
 ) -> JSONBody:
     """A page of jobs, newest first: ``{"data": [...], "pagination": {page, limit, total, pages}}``."""
+    # (the refused values are echoed as text: an integer past 64 bits can't be rendered as JSON)
     if page < 1 or limit < 1:
-        raise InvalidRequest("page and limit must be at least 1", detail={"page": page, "limit": limit})
+        raise InvalidRequest("page and limit must be at least 1", detail={"page": str(page), "limit": str(limit)})
     if page > 1_000_000:
-        raise InvalidRequest("page is out of range", detail={"page": page})
+        raise InvalidRequest("page is out of range (at most 1000000)", detail={"page": str(page)})
     limit = min(limit, MAX_PAGE_SIZE)
     where = ["face = 'jobs'"]
     args: list[Any] = []

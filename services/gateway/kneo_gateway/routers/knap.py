@@ -27,7 +27,24 @@ from kneo_gateway.routers.runs import RunStart
 from kneo_gateway.runs_io import RunRequest
 from kneo_gateway.state import Gateway
 
-router = APIRouter(tags=["knap"])
+
+class KnapError(BaseModel):
+    """The Knap-face error envelope."""
+
+    detail: str
+
+
+_E = {"model": KnapError}
+KNAP_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_E, "description": "invalid request parameters, unknown tool_type"},
+    401: {**_E, "description": "Not authenticated"},
+    403: {**_E, "description": "the key lacks the scope"},
+    404: {**_E, "description": "unknown chat or Knap"},
+    413: {**_E, "description": "messages too large"},
+    429: {**_E, "description": "rate limited"},
+    500: {**_E, "description": "internal error"},
+}
+router = APIRouter(tags=["knap"], responses=KNAP_ERRORS)
 _FAILED = frozenset({"run.failed", "run.cancelled", "run.timed_out", "run.expired"})
 _IDLE_CHECK_SECONDS = 2.0
 _PING_SECONDS = 15.0

@@ -180,8 +180,8 @@ def _size(upload: UploadFile) -> int:
 @router.get("/workspaces", dependencies=[Depends(require("workspaces:read"))])
 async def list_workspaces(
     request: Request,
-    page: Annotated[int, Query(ge=1)] = 1,
-    limit: Annotated[int, Query(ge=1)] = 20,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    limit: Annotated[int, Query(ge=1, le=1_000_000)] = 20,
 ) -> JSONBody:
     """Uploaded workspaces by name, read from the workspace root: ``{"data": [...], "pagination": {...}}``."""
     limit = min(limit, MAX_PAGE)
