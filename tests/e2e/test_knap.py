@@ -76,6 +76,13 @@ async def test_a_run_streams_tool_events_message_chunks_and_done(platform: Any) 
         assert full["status"] == "succeeded" and full["output_text"] == text
         assert full["metadata"]["face"] == "knap" and full["metadata"]["knap"]["chat_id"] == done["chatId"]
 
+        async def audited() -> Any:
+            page = (await http.get("/v1/audit-events", params={"run_id": run_id})).json()
+            return page["events"] or None
+
+        records = await _until(audited, "the Knap run's creation is in the audit log")
+        assert records[0]["event_type"] == "run.created" and records[0]["payload"]["face"] == "knap"
+
 
 async def test_a_chat_continues_and_the_model_sees_earlier_turns(platform: Any) -> None:
     async with httpx.AsyncClient(base_url=platform.url, timeout=30) as http:
