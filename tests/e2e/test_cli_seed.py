@@ -398,3 +398,48 @@ def test_human_approval_follow_pauses_then_resume_finishes(platform: tuple[str, 
     assert final["status"] == "succeeded" and final["visited_steps"] == ["draft", "approval", "publish"]
     # piped output is plain: no ANSI escapes, no spinner frames
     assert "\x1b[" not in res.stdout + res.stderr + resumed.stdout + resumed.stderr
+
+
+def _run_on_a_terminal(args: list[str], env: dict[str, str], deadline_s: float = 60) -> tuple[int, str]:
+    """Run ``kneo`` with stdout and stderr on a pseudo-terminal; everything it wrote, decoded."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([KNEO, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    data = b""
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=30), data.decode(errors="replace")
+
+
+def test_a_spinner_on_a_terminal_only_and_the_error_after_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNEO_") and k != "NO_COLOR"}
+    env.update(TERM="xterm", KNEO_SERV_CLIENT_RETRIES="3", KNEO_SERV_PROFILES_PATH=str(tmp_path / "p.json"))
+    dead = f"http://127.0.0.1:{free_port()}"
+    args = ["run", "examples/research_agent.yaml", "--input", "x", "--service-url", dead]
+    code, shown = _run_on_a_terminal(args, env)
+    assert code == 5
+    assert "⠋" in shown and "running research_agent.yaml" in shown  # the rich status spinner
+    # the one-line error comes after the spinner was cleared, not glued to one of its frames
+    last = shown.rsplit("\x1b[2K", 1)[-1]
+    assert last.strip() == f"kneo: no service answers at {dead}; start one with `kneo service serve`"
+    code, shown = _run_on_a_terminal([*args, "--json"], env)
+    assert code == 5 and "⠋" not in shown and "\x1b[" not in shown

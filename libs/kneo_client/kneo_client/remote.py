@@ -6,6 +6,7 @@ client failures into one line on stderr and the CLI's exit code (1 failed, 2 usa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, NoReturn
@@ -28,8 +29,14 @@ ServiceUrl = Annotated[str | None, typer.Option("--service-url", help="Kneo serv
 Profile = Annotated[str | None, typer.Option("--profile", help="Service profile name")]
 
 
+_SPINNING: contextvars.ContextVar[Any] = contextvars.ContextVar("kneo_spinner", default=None)
+
+
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``kneo: message`` on stderr and exit with ``code``."""
+    """Print ``kneo: message`` on stderr (after stopping a running spinner) and exit with ``code``."""
+    status = _SPINNING.get()
+    if status is not None:
+        status.stop()
     typer.echo(f"kneo: {message}", err=True)
     raise typer.Exit(code)
 
@@ -120,8 +127,12 @@ def spinner(message: str, *, quiet: bool = False) -> Iterator[None]:
         return
     from rich.console import Console
 
-    with Console(stderr=True).status(message):
-        yield
+    with Console(stderr=True).status(message) as status:
+        token = _SPINNING.set(status)
+        try:
+            yield
+        finally:
+            _SPINNING.reset(token)
 
 
 def table(*columns: str) -> Any:

@@ -578,7 +578,8 @@ def _read_bytes(path: str) -> bytes:
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
     """Parse an SSE line stream into events (comments and pings skipped)."""
-    event, data, eid = "message", [], None
+    data: list[str] = []
+    event, eid = "message", None
     async for line in lines:
         if line == "":
             if data:
