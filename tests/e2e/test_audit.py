@@ -162,6 +162,14 @@ async def test_policy_and_credential_reads_are_audited_with_counts_only(platform
         )
     by_type = {e["event_type"]: e for e in body["events"]}
     assert set(by_type["credential.inventory_accessed"]["payload"]) == {"counts"}
+    # the policies table is a projection of the log too: a rebuild gives the same rows
+    from kneo_events.projections import rebuild_policies
+
+    query = "SELECT environment, policy::text, version, updated_at, updated_by FROM environment_policies ORDER BY 1"
+    live = [tuple(r) for r in await p.kernel.store.pool.fetch(query)]
+    async with p.kernel.store.pool.acquire() as conn:
+        assert await rebuild_policies(conn) == len(live) >= 1
+    assert [tuple(r) for r in await p.kernel.store.pool.fetch(query)] == live
     changed = by_type["policy.changed"]["payload"]
     assert changed["environment"] == "prod" and "deny_unrestricted_tools" in str(changed["changed_fields"])
 

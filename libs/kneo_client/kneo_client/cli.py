@@ -170,10 +170,10 @@ def rebuild_projections(
     """Truncate a projection and fold the whole event log into it again (the log is the truth)."""
     from kneo_audit.projection import rebuild as rebuild_audit
     from kneo_client.bootstrap import resolve_infra, run_sync
-    from kneo_events.projections import rebuild_knaps, rebuild_runs, rebuild_webhooks
+    from kneo_events.projections import rebuild_knaps, rebuild_policies, rebuild_runs, rebuild_webhooks
     from kneo_events.store import EventStore
 
-    choices = ("runs", "audit", "knaps", "webhooks", "all")
+    choices = ("runs", "audit", "knaps", "webhooks", "policies", "all")
     if projection not in choices:
         err.print(f"kneo: unknown projection {projection!r}; choose: {', '.join(choices)}")
         raise typer.Exit(2)
@@ -194,6 +194,9 @@ def rebuild_projections(
             if projection in ("knaps", "all"):
                 async with store.pool.acquire() as conn:
                     done.append(f"knaps ({await rebuild_knaps(conn)} Knaps)")
+            if projection in ("policies", "all"):
+                async with store.pool.acquire() as conn:
+                    done.append(f"policies ({await rebuild_policies(conn)} environments)")
             if projection in ("webhooks", "all"):
                 async with store.pool.acquire() as conn:
                     done.append(f"webhooks ({await rebuild_webhooks(conn)} webhooks)")

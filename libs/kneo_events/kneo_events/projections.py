@@ -404,6 +404,21 @@ async def project_knap(conn: Conn, stream_id: str, events: list[RecordedEvent]) 
             )
 
 
+async def rebuild_policies(conn: Conn) -> int:
+    """Truncate ``environment_policies`` and replay the ``policy-*`` streams into it. Returns environments rebuilt."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE environment_policies IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("TRUNCATE environment_policies")
+        rows = await conn.fetch(
+            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
+            "recorded_at FROM events WHERE stream_id LIKE 'policy-%' ORDER BY stream_id, version"
+        )
+        for rec in rows:
+            ev = RecordedEvent(**dict(rec))
+            await project_policy(conn, ev.stream_id, [ev])
+        return int(await conn.fetchval("SELECT count(*) FROM environment_policies"))
+
+
 async def rebuild_knaps(conn: Conn) -> int:
     """Truncate the Knaps projection and replay the ``knap-*`` streams into it. Returns Knaps rebuilt."""
     async with conn.transaction():

@@ -248,7 +248,7 @@ class StepToolCalled(EventPayload):
 
 @register
 class GuardrailFired(EventPayload):
-    """A guardrail of an agent step did something: ``blocked`` the step, ``rewrote`` the text, or ``warned``.
+    """A guardrail of an agent step did something: ``blocked`` the step, ``rewritten`` the text, or ``warned``.
 
     ``stage`` is ``input`` (the rendered prompt, before the model) or ``output`` (the final answer). Guardrails that
     simply passed are not recorded.
