@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +48,8 @@ KNAP_ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(tags=["knap"], responses=KNAP_ERRORS)
 _FAILED = frozenset({"run.failed", "run.cancelled", "run.timed_out", "run.expired"})
 _IDLE_CHECK_SECONDS = 2.0
+_TAIL_WAIT_SECONDS = 0.5  # at most this long for output items still on their way at the run's end …
+_TAIL_QUIET_SECONDS = 0.05  # … and no longer than this after the last one
 _PING_SECONDS = 15.0
 
 
@@ -214,6 +217,8 @@ class _Translator:
         self.text: list[str] = []
         self.seen: set[tuple[str, str, int]] = set()
         self.tools: list[dict[str, Any]] = []
+        self.started: set[str] = set()  # call ids whose tool_execution / tool_result went out
+        self.resulted: set[str] = set()
 
     def chunk(self, item: dict[str, Any]) -> dict[str, Any] | None:
         key = (str(item.get("step_id")), str(item.get("execution")), int(item.get("seq", -1)))
@@ -222,19 +227,55 @@ class _Translator:
         self.seen.add(key)
         tool = item.get("tool")
         if isinstance(tool, dict):
+            call_id = str(tool.get("call_id"))
             if tool.get("status") == "running":
+                if call_id in self.started:
+                    return None
+                self.started.add(call_id)
                 return {
                     "type": "tool_execution",
                     "tool_name": tool.get("name"),
                     "status": "running",
                     "queryUuid": tool.get("call_id"),
                 }
+            if call_id in self.resulted:
+                return None
+            self.resulted.add(call_id)
             result = knap.tool_result_event(tool)
             self.tools.append(result)
             return result
         text = redact_text(str(item.get("text", "")))
         self.text.append(text)
         return {"type": "message_chunk", "content": text, "messageId": self.message_id}
+
+    def backfill(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tool calls the log has (``step.tool_called``) but the live items never brought (they are ephemeral and
+        may arrive after the run's end): their events, from the stored record, in order."""
+        out: list[dict[str, Any]] = []
+        for c in calls:
+            call_id = str(c.get("queryUuid"))
+            if call_id not in self.started:
+                self.started.add(call_id)
+                out.append(
+                    {"type": "tool_execution", "tool_name": c["tool_name"], "status": "running", "queryUuid": call_id}
+                )
+            if call_id not in self.resulted:
+                self.resulted.add(call_id)
+                result: Any = c.get("result")
+                with contextlib.suppress(ValueError, TypeError):
+                    result = orjson.loads(result)
+                ev = knap.tool_result_event(
+                    {
+                        "name": c["tool_name"],
+                        "call_id": call_id,
+                        "result": result,
+                        "ok": c.get("ok"),
+                        "cached": c.get("cached"),
+                    }
+                )
+                self.tools.append(ev)
+                out.append(ev)
+        return out
 
     def finish(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -272,7 +313,7 @@ async def _stream(gw: Gateway, start: RunStart, run_id: str, chat_id: str) -> As
             except TimeoutError:
                 state = await store.get_run(run_id)  # quiet: a missed terminal event must not hang the stream
                 if state is not None and state["status"] in TERMINAL_STATUSES:
-                    for ev in t.finish(state):
+                    for ev in await _ending(gw, t, listener, run_id, state):
                         yield _sse(ev)
                     return
                 if loop.time() - last_sent >= _PING_SECONDS:
@@ -285,10 +326,31 @@ async def _stream(gw: Gateway, start: RunStart, run_id: str, chat_id: str) -> As
                     last_sent = loop.time()
                     yield _sse(ev)
             elif item.get("type") == "run.succeeded" or item.get("type") in _FAILED:
-                state = await store.get_run(run_id)
-                for ev in t.finish(state or {"status": "failed", "error": "run state missing"}):
+                state = await store.get_run(run_id) or {"status": "failed", "error": "run state missing"}
+                for ev in await _ending(gw, t, listener, run_id, state):
                     yield _sse(ev)
                 return
+
+
+async def _ending(
+    gw: Gateway, t: _Translator, listener: Any, run_id: str, state: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The last events of a stream. Output items travel apart from events and may still be on their way when the
+    run's end is known (in one process the commit is delivered at once): take what arrives within a moment, then
+    fill in from the log any tool call that never came live, then the answer's missing tail, ``error``, ``done``."""
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + _TAIL_WAIT_SECONDS
+    while loop.time() < until:
+        try:
+            async with asyncio.timeout(_TAIL_QUIET_SECONDS):
+                kind, item = await listener.queue.get()
+        except TimeoutError:
+            break
+        if kind == "chunk" and (ev := t.chunk(item)) is not None:
+            out.append(ev)
+    out += t.backfill(await _tool_calls(gw, run_id))
+    return out + t.finish(state)
 
 
 async def _run_to_end(gw: Gateway, start: RunStart, run_id: str, chat_id: str) -> dict[str, Any]:
