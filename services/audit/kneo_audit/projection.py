@@ -128,7 +128,7 @@ async def apply(conn: Conn, events: list[RecordedEvent]) -> int:
 
 
 async def catch_up(store: EventStore, batch: int = 1000) -> int:
-    """Project the events after the saved position, batch by batch, until none is left. Returns events read.
+    """Project the events after the saved position, batch by batch, until none is left. Returns audited events read.
 
     Each batch is one transaction (records + position), under an advisory lock that other replicas skip.
     """
@@ -142,15 +142,12 @@ async def catch_up(store: EventStore, batch: int = 1000) -> int:
                 CHECKPOINT,
             )
             after = Position(int(row["tx_id"]), int(row["position"])) if row else START
-            events = await store.read_all(after, batch, conn=conn)
-            if not events:
+            events, upto = await store.read_all_of(after, AUDITED, batch, conn=conn)
+            if upto == after:
                 return total
             await apply(conn, events)
-            last = events[-1]
-            await store.save_checkpoint(CHECKPOINT, Position(last.tx_id, last.position), conn)
+            await store.save_checkpoint(CHECKPOINT, upto, conn)
         total += len(events)
-        if len(events) < batch:
-            return total
 
 
 async def rebuild(store: EventStore, batch: int = 2000) -> int:
@@ -161,11 +158,11 @@ async def rebuild(store: EventStore, batch: int = 2000) -> int:
         await conn.execute("TRUNCATE audit_events")
         after = START
         while True:
-            events = await store.read_all(after, batch, conn=conn)
-            if not events:
+            events, upto = await store.read_all_of(after, AUDITED, batch, conn=conn)
+            if upto == after:
                 break
             written += await apply(conn, events)
-            after = Position(events[-1].tx_id, events[-1].position)
+            after = upto
         await store.save_checkpoint(CHECKPOINT, after, conn)
     return written
 

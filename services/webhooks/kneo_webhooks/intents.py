@@ -83,12 +83,9 @@ async def catch_up(store: EventStore, batch: int = 1000) -> tuple[int, int]:
                 CHECKPOINT,
             )
             after = Position(int(row["tx_id"]), int(row["position"])) if row else START
-            events = await store.read_all(after, batch, conn=conn)
-            if not events:
+            events, upto = await store.read_all_of(after, RUN_TERMINAL_EVENTS, batch, conn=conn)
+            if upto == after:
                 return read, recorded
             recorded += await intents_for(conn, events)
-            last = events[-1]
-            await store.save_checkpoint(CHECKPOINT, Position(last.tx_id, last.position), conn)
+            await store.save_checkpoint(CHECKPOINT, upto, conn)
         read += len(events)
-        if len(events) < batch:
-            return read, recorded
