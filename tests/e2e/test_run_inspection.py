@@ -498,3 +498,25 @@ def test_flatten_and_diff_paths() -> None:
         "removed": {"b[1]": 2, "password": "[REDACTED]"},
         "changed": {"a": {"from": 1, "to": 2}},
     }
+
+
+async def test_large_checkpoints_are_stored_compressed_and_diff_still_reads_them(platform_factory: Any) -> None:
+    p = await platform_factory(checkpoint_compress_bytes=300)
+    spec = """
+version: v1
+agent: {name: a, model: {provider: dummy, params: {chunks: 60, call_tools: false}}}
+workflow:
+  name: w
+  kind: sequential
+  steps:
+    - {id: one, kind: agent, prompt: "first"}
+    - {id: two, kind: agent, prompt: "second"}
+"""
+    async with httpx.AsyncClient(base_url=p.url, timeout=30) as http:
+        run = (await http.post("/v1/runs", json={"input": "x", "spec": spec})).json()
+        assert run["status"] == "succeeded"
+        events = (await http.get(f"/v1/runs/{run['run_id']}/events")).json()["events"]
+        stored = [e["data"]["state"] for e in events if e["type"] == "checkpoint.saved"]
+        assert [s.get("_encoding") for s in stored] == ["zlib+base64", "zlib+base64"]
+        diff = (await http.get(f"/v1/runs/{run['run_id']}/checkpoints/diff")).json()
+    assert "step_outputs.two" in diff["added"] and diff["added"]["step_outputs.two"].startswith("On second")

@@ -17,11 +17,19 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from kneo_events.checkpoints import CheckpointLimits, pack
 from kneo_events.errors import ConcurrencyConflict
 from kneo_events.ids import run_stream
 from kneo_events.kernel import Kernel, next_commands
 from kneo_events.redaction import redact_text
-from kneo_events.schemas import Command, HumanRequested, execute_step_command, new_event
+from kneo_events.schemas import (
+    CheckpointSaved,
+    Command,
+    EventPayload,
+    HumanRequested,
+    execute_step_command,
+    new_event,
+)
 from kneo_events.service import WorkerService
 from kneo_runner.domain import Outcome, decide, human_outcome, is_last_branch, should_run
 from kneo_runner.engine import StepCancelled, aggregate_outputs, execute_step, render_prompt
@@ -49,8 +57,15 @@ class RunnerService(WorkerService):
         # the spec's own packages (KNEO_SERV_FUNCTION_PACKAGES) and the runner's built-in connectors
         configured = tuple(p.strip() for p in kernel.settings.function_packages.split(",") if p.strip())
         self.allowed_packages = (*configured, *(p for p in BUILTIN_PACKAGES if p not in configured))
+        self.checkpoint_limits = CheckpointLimits.from_settings(kernel.settings)
         # Runs cancelled recently (heard on the bus): a streaming step checks this between chunks.
         self.cancelled: OrderedDict[str, None] = OrderedDict()
+
+    def _stored(self, payload: EventPayload) -> EventPayload:
+        """A checkpoint's state is stored packed: compressed or previewed past the limits (kneo_events.checkpoints)."""
+        if isinstance(payload, CheckpointSaved):
+            return payload.model_copy(update={"state": pack(payload.state, self.checkpoint_limits)})
+        return payload
 
     async def start(self) -> None:
         """Hear of cancellations at once (a run cancelled mid-step stops streaming at the next chunk)."""
@@ -205,7 +220,7 @@ class RunnerService(WorkerService):
                 turn=turn,
                 aggregate=aggregate,
             )
-            events = [new_event(p, meta) for p in decision.events]
+            events = [new_event(self._stored(p), meta) for p in decision.events]
             nxt = (
                 execute_step_command(run_id, stream_id, decision.next_step, cmd.metadata)
                 if decision.next_step

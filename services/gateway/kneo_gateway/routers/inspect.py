@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from kneo_events.checkpoints import CheckpointLimits, preview_value, unpack
 from kneo_events.errors import InvalidRequest, NotFound
 from kneo_events.ids import run_stream
 from kneo_events.projections import fold_run
@@ -35,38 +36,7 @@ _QUIET_EVENTS = frozenset({"step.scheduled", "step.started"})  # left out of the
 # ---------------------------------------------------------------- payload limits
 
 
-@dataclass(frozen=True)
-class PreviewLimits:
-    """Checkpoint payload limits (seeds/004 "Checkpoint payload limits"); defaults are the seed's."""
-
-    max_bytes: int = 1_048_576
-    preview_chars: int = 1200
-    max_list_items: int = 20
-    max_dict_items: int = 50
-    compress_bytes: int = 65_536  # accepted for compatibility: compression is Postgres TOAST's job (JSONB)
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> PreviewLimits:
-        """Read ``checkpoint_*`` settings, falling back to the defaults for any the settings do not have."""
-        d = cls()
-        return cls(
-            max_bytes=int(getattr(settings, "checkpoint_max_bytes", d.max_bytes)),
-            preview_chars=int(getattr(settings, "checkpoint_preview_chars", d.preview_chars)),
-            max_list_items=int(getattr(settings, "checkpoint_max_list_items", d.max_list_items)),
-            max_dict_items=int(getattr(settings, "checkpoint_max_dict_items", d.max_dict_items)),
-            compress_bytes=int(getattr(settings, "checkpoint_compress_bytes", d.compress_bytes)),
-        )
-
-
-def preview_value(value: Any, limits: PreviewLimits) -> Any:
-    """A bounded copy: strings cut to ``preview_chars`` (plus "…"), lists and dicts cut to their item limits."""
-    if isinstance(value, str):
-        return value if len(value) <= limits.preview_chars else value[: limits.preview_chars] + "…"
-    if isinstance(value, list):
-        return [preview_value(v, limits) for v in value[: limits.max_list_items]]
-    if isinstance(value, dict):
-        return {k: preview_value(v, limits) for k, v in list(value.items())[: limits.max_dict_items]}
-    return value
+PreviewLimits = CheckpointLimits  # the same limits bound what the views show
 
 
 def bounded_payload(state: Any, limits: PreviewLimits) -> JSON:
@@ -248,7 +218,7 @@ def diff_states(old: Any, new: Any) -> JSON:
 
 
 def _checkpoint_states(events: list[RecordedEvent]) -> dict[int, Any]:
-    return {int(ev.data["sequence"]): ev.data.get("state") or {} for ev in events if ev.type == "checkpoint.saved"}
+    return {int(ev.data["sequence"]): unpack(ev.data.get("state")) for ev in events if ev.type == "checkpoint.saved"}
 
 
 def _pick(states: dict[int, Any], sequence: int | None, run_id: str, field: str) -> int:
