@@ -404,33 +404,42 @@ async def project_knap(conn: Conn, stream_id: str, events: list[RecordedEvent]) 
             )
 
 
-async def rebuild_policies(conn: Conn) -> int:
-    """Truncate ``environment_policies`` and replay the ``policy-*`` streams into it. Returns environments rebuilt."""
+async def _rebuild_inline(conn: Conn, table: str, stream_type: str) -> int:
+    """Truncate the inline projection ``table`` and replay every ``<stream_type>-*`` stream through its projector
+    (the same one the appends use). Returns the streams replayed."""
+    projector = INLINE_PROJECTORS[stream_type]
     async with conn.transaction():
-        await conn.execute("LOCK TABLE environment_policies IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("TRUNCATE environment_policies")
+        await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        await conn.execute(f"TRUNCATE {table}")
         rows = await conn.fetch(
             "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
-            "recorded_at FROM events WHERE stream_id LIKE 'policy-%' ORDER BY stream_id, version"
+            "recorded_at FROM events WHERE stream_id LIKE $1 ORDER BY stream_id, version",
+            f"{stream_type}-%",
         )
-        for rec in rows:
-            ev = RecordedEvent(**dict(rec))
-            await project_policy(conn, ev.stream_id, [ev])
-        return int(await conn.fetchval("SELECT count(*) FROM environment_policies"))
+        streams: dict[str, list[RecordedEvent]] = {}
+        for r in rows:
+            streams.setdefault(r["stream_id"], []).append(RecordedEvent(**dict(r)))
+        for stream_id, evs in streams.items():
+            await projector(conn, stream_id, evs)
+    return len(streams)
+
+
+async def rebuild_policies(conn: Conn) -> int:
+    """Rebuild ``environment_policies`` from the ``policy-*`` streams. Returns environments rebuilt."""
+    return await _rebuild_inline(conn, "environment_policies", "policy")
 
 
 async def rebuild_knaps(conn: Conn) -> int:
-    """Truncate the Knaps projection and replay the ``knap-*`` streams into it. Returns Knaps rebuilt."""
-    async with conn.transaction():
-        await conn.execute("LOCK TABLE knaps IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("TRUNCATE knaps")
-        rows = await conn.fetch(
-            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
-            "recorded_at FROM events WHERE stream_id LIKE 'knap-%' ORDER BY position"
-        )
-        evs = [RecordedEvent(**dict(r)) for r in rows]
-        await project_knap(conn, "knap-*", evs)
-        return int(await conn.fetchval("SELECT count(*) FROM knaps"))
+    """Rebuild the Knaps projection from the ``knap-*`` streams. Returns Knaps rebuilt."""
+    return await _rebuild_inline(conn, "knaps", "knap")
+
+
+async def rebuild_webhooks(conn: Conn) -> int:
+    """Rebuild the ``webhooks`` projection from the ``webhook-*`` streams. Returns webhooks rebuilt.
+
+    (The delivery log is the webhooks service's operational state, not a projection: a rebuild leaves it alone.)
+    """
+    return await _rebuild_inline(conn, "webhooks", "webhook")
 
 
 INLINE_PROJECTORS: dict[str, Any] = {
@@ -455,24 +464,4 @@ async def rebuild_runs(conn: Conn) -> int:
             )
             evs = [RecordedEvent(**dict(r)) for r in rows]
             await project_run(conn, rec["stream_id"], evs)
-    return len(streams)
-
-
-async def rebuild_webhooks(conn: Conn) -> int:
-    """Truncate the ``webhooks`` projection and replay the ``webhook-*`` streams into it. Returns webhooks rebuilt.
-
-    (The delivery log is the webhooks service's operational state, not a projection: a rebuild leaves it alone.)
-    """
-    async with conn.transaction():
-        await conn.execute("LOCK TABLE webhooks IN ACCESS EXCLUSIVE MODE")
-        await conn.execute("TRUNCATE webhooks")
-        rows = await conn.fetch(
-            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, version, event_id, type, data, metadata, "
-            "recorded_at FROM events WHERE stream_id LIKE 'webhook-%' ORDER BY stream_id, version"
-        )
-        streams: dict[str, list[RecordedEvent]] = {}
-        for r in rows:
-            streams.setdefault(r["stream_id"], []).append(RecordedEvent(**dict(r)))
-        for stream_id, evs in streams.items():
-            await project_webhook(conn, stream_id, evs)
     return len(streams)
