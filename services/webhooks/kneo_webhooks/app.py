@@ -28,6 +28,8 @@ SERVICE = "webhooks"
 # An event published just after commit can still sit behind an older transaction that is running (read_all stops
 # there): when a wake-up finds nothing new, look again shortly, a few times (as the audit service does).
 _RETRY_DELAYS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# After a pass, wake-ups are gathered this long, so a busy platform costs one pass per window, not one per run.
+_COALESCE_SECONDS = 0.05
 
 
 class WebhooksService(WorkerService):
@@ -43,6 +45,7 @@ class WebhooksService(WorkerService):
         self._subs: list[object] = []
         self._client: httpx.AsyncClient | None = None
         self.sender: Sender | None = None
+        self._any_webhook = True  # refreshed on every pass of the intents loop
 
     async def start(self) -> None:
         """Load the sealing keys, listen for run endings, start both loops."""
@@ -58,7 +61,8 @@ class WebhooksService(WorkerService):
         self.sender = Sender(self.kernel.store, s, keyring, self._client)
 
         async def wake(_msg: Msg) -> None:
-            self._wake_intents.set()
+            if self._any_webhook:  # with none registered, the poll alone keeps the position moving
+                self._wake_intents.set()
 
         for event_type in sorted(RUN_TERMINAL_EVENTS):
             self._subs.append(await self.kernel.bus.subscribe_core(f"kneo.evt.*.*.{event_type}", wake))
@@ -90,6 +94,11 @@ class WebhooksService(WorkerService):
                     woken = True
             self._wake_intents.clear()
             try:
+                self._any_webhook = bool(
+                    await self.kernel.store.pool.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM webhooks WHERE status = 'active')"
+                    )
+                )
                 read, recorded = await catch_up(self.kernel.store)
                 if woken and not read:
                     for delay in _RETRY_DELAYS:
@@ -101,6 +110,8 @@ class WebhooksService(WorkerService):
                     self._wake_sender.set()
             except Exception:
                 self.log.exception("webhook intents pass failed; retrying on the next pass")
+            if woken:
+                await asyncio.sleep(_COALESCE_SECONDS)
 
     async def _send_loop(self) -> None:
         assert self.sender is not None
