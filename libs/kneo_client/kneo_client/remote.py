@@ -73,6 +73,9 @@ def exit_for(exc: ServiceError) -> int:
 
 def describe(exc: ServiceError, conn: Connection) -> str:
     """The error line; for 401/403 it also says which key was sent and where it was read from."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    if exc.status == 403 and body.get("required_reviewer"):  # the key is fine; the task names its reviewers
+        return f"{exc} (this task accepts decisions only from: {', '.join(body['required_reviewer'])})"
     if exc.status in (401, 403):
         return f"{exc} ({conn.auth_hint(exc.status)})"
     return str(exc)
