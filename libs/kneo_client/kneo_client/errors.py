@@ -20,7 +20,7 @@ class ServiceError(Exception):
         self.body = body
         self.headers = headers or {}
         code, message = _envelope(body)
-        super().__init__(f"{status} {code or ''}: {message}".strip())
+        super().__init__(f"{status} {code}: {message}" if code else f"{status}: {message}")
         self.code: str | None = code
         self.message: str = str(message)
 
