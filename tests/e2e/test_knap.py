@@ -264,3 +264,36 @@ async def test_a_client_that_disconnects_does_not_stop_the_run(platform_factory:
 
         last = await _until(answered, "the answer reached the chat after the client left")
     assert last["content"].startswith("On Long answer please:") and last["content"].count(",") >= 19
+
+
+async def test_more_connectors_from_a_file_python_and_mcp(platform_factory: Any, tmp_path: Any) -> None:
+    connectors = tmp_path / "connectors.yaml"
+    connectors.write_text(
+        """
+search:
+  description: Search the web.
+  tools:
+    - function: examples.app_functions:web_search
+facts:
+  description: Facts from the example MCP server.
+  tools:
+    - mcp: "facts:lookup_fact"
+  mcp:
+    - {id: facts, transport: stdio, command: python, args: [examples/mcp_server.py], tools: [lookup_fact]}
+"""
+    )
+    p = await platform_factory(knap_connectors_path=connectors)
+    async with httpx.AsyncClient(base_url=p.url, timeout=60) as http:
+        events, _ = await _events(
+            http,
+            {
+                "messages": [{"role": "user", "content": "nats"}],
+                "tool_types": [{"tool_type": "search"}, {"tool_type": "facts"}],
+            },
+        )
+        unknown = await http.post("/api/knap-tools/run", json=_ask("x") | {"tool_types": [{"tool_type": "fax"}]})
+    results = {e["tool_name"]: e for e in events if e["type"] == "tool_result"}
+    assert set(results) == {"search", "facts"} and events[-1]["type"] == "done"
+    assert results["search"]["result"][0]["title"].startswith("nats")  # the Python tool's JSON answer
+    assert "error" not in results["facts"] and "NATS" in str(results["facts"]["result"])  # the MCP tool's answer
+    assert unknown.json()["detail"].endswith("known: facts, gmail, google_calendar, search")
