@@ -99,6 +99,11 @@ class AsyncServiceClient:
             raise error_for(resp.status_code, body, dict(resp.headers))
         return body
 
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """One request; the body of a 2xx answer, or the typed error of any other."""
+        result: dict[str, Any] = self._check(await self.http.request(method, path, **kwargs))
+        return result
+
     async def create_run(
         self,
         *,
@@ -120,23 +125,19 @@ class AsyncServiceClient:
             payload["environment"] = environment
         if metadata is not None:
             payload["metadata"] = metadata
-        result: dict[str, Any] = self._check(await self.http.post("/v1/runs", json=payload))
-        return result
+        return await self._call("POST", "/v1/runs", json=payload)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}"))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}")
 
     async def list_runs(self, **params: Any) -> dict[str, Any]:
         """``GET /v1/runs``."""
-        result: dict[str, Any] = self._check(await self.http.get("/v1/runs", params=params))
-        return result
+        return await self._call("GET", "/v1/runs", params=params)
 
     async def run_events(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/events``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/events"))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/events")
 
     # ------------------------------------------------------------------ specs and health
 
@@ -148,8 +149,7 @@ class AsyncServiceClient:
             payload["spec"] = spec
         if spec_path is not None:
             payload["spec_path"] = spec_path
-        result: dict[str, Any] = self._check(await self.http.post(f"/v1/specs/{operation}", json=payload))
-        return result
+        return await self._call("POST", f"/v1/specs/{operation}", json=payload)
 
     async def validate_spec(
         self, spec: str | dict[str, Any] | None = None, *, spec_path: str | None = None, environment: str | None = None
@@ -177,30 +177,25 @@ class AsyncServiceClient:
 
     async def run_policy_report(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/policy-report``: the policy report of the spec the run was started with."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/policy-report"))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/policy-report")
 
     async def health(self) -> dict[str, Any]:
         """``GET /v1/healthz``."""
-        result: dict[str, Any] = self._check(await self.http.get("/v1/healthz"))
-        return result
+        return await self._call("GET", "/v1/healthz")
 
     async def ready(self) -> dict[str, Any]:
         """``GET /readyz``: the readiness checks (raises :class:`ServiceUnavailable` with them when not ready)."""
-        result: dict[str, Any] = self._check(await self.http.get("/readyz"))
-        return result
+        return await self._call("GET", "/readyz")
 
     # ------------------------------------------------------------------ human tasks and the audit log
 
     async def list_human_tasks(self, **params: Any) -> dict[str, Any]:
         """``GET /v1/human-tasks`` (filters run_id, workflow_kind, status; limit, offset, sort_by, sort_order)."""
-        result: dict[str, Any] = self._check(await self.http.get("/v1/human-tasks", params=params))
-        return result
+        return await self._call("GET", "/v1/human-tasks", params=params)
 
     async def get_human_task(self, continuation_id: str) -> dict[str, Any]:
         """``GET /v1/human-tasks/{continuation_id}``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/human-tasks/{continuation_id}"))
-        return result
+        return await self._call("GET", f"/v1/human-tasks/{continuation_id}")
 
     async def resume_human_task(
         self,
@@ -219,35 +214,27 @@ class AsyncServiceClient:
         if selected_option is not None:
             payload["selected_option"] = selected_option
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        result: dict[str, Any] = self._check(
-            await self.http.post(f"/v1/human-tasks/{continuation_id}/resume", json=payload, headers=headers)
-        )
-        return result
+        return await self._call("POST", f"/v1/human-tasks/{continuation_id}/resume", json=payload, headers=headers)
 
     async def sweep_human_tasks(self) -> dict[str, Any]:
         """``POST /v1/human-tasks/sweep`` (admin): fire every due human-task timeout and run deadline now."""
-        result: dict[str, Any] = self._check(await self.http.post("/v1/human-tasks/sweep"))
-        return result
+        return await self._call("POST", "/v1/human-tasks/sweep")
 
     async def list_audit_events(self, **params: Any) -> dict[str, Any]:
         """``GET /v1/audit-events`` (filters event_type, run_id, continuation_id, actor, since, until)."""
-        result: dict[str, Any] = self._check(await self.http.get("/v1/audit-events", params=params))
-        return result
+        return await self._call("GET", "/v1/audit-events", params=params)
 
     async def cancel_run(self, run_id: str, reason: str | None = None) -> dict[str, Any]:
         """``POST /v1/runs/{run_id}/cancel``."""
         body = {"reason": reason} if reason is not None else None
-        result: dict[str, Any] = self._check(await self.http.post(f"/v1/runs/{run_id}/cancel", json=body))
-        return result
+        return await self._call("POST", f"/v1/runs/{run_id}/cancel", json=body)
 
     async def continue_run(
         self, run_id: str, *, async_mode: bool = False, idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """``POST /v1/runs/{run_id}/continue``: a new run that goes on from the source's last completed step."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        resp = await self.http.post(f"/v1/runs/{run_id}/continue", json={"async_mode": async_mode}, headers=headers)
-        result: dict[str, Any] = self._check(resp)
-        return result
+        return await self._call("POST", f"/v1/runs/{run_id}/continue", json={"async_mode": async_mode}, headers=headers)
 
     async def fork_run(
         self,
@@ -266,31 +253,25 @@ class AsyncServiceClient:
         if step_outputs is not None:
             payload["step_outputs"] = step_outputs
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        resp = await self.http.post(
-            f"/v1/runs/{run_id}/fork", params={"from_sequence": from_sequence}, json=payload, headers=headers
+        return await self._call(
+            "POST", f"/v1/runs/{run_id}/fork", params={"from_sequence": from_sequence}, json=payload, headers=headers
         )
-        result: dict[str, Any] = self._check(resp)
-        return result
 
     async def run_recovery(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/recovery``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/recovery"))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/recovery")
 
     async def run_replay(self, run_id: str) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/replay``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/replay"))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/replay")
 
     async def run_trace(self, run_id: str, **params: Any) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/trace`` (``event_type``, ``limit``, ``offset``, ``sort_by``, ``sort_order``)."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/trace", params=params))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/trace", params=params)
 
     async def run_checkpoints(self, run_id: str, **params: Any) -> dict[str, Any]:
         """``GET /v1/runs/{run_id}/checkpoints``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/checkpoints", params=params))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/checkpoints", params=params)
 
     async def checkpoint_diff(
         self,
@@ -309,8 +290,7 @@ class AsyncServiceClient:
             "other_sequence": other_sequence,
         }
         params = {k: v for k, v in given.items() if v is not None}
-        result: dict[str, Any] = self._check(await self.http.get(f"/v1/runs/{run_id}/checkpoints/diff", params=params))
-        return result
+        return await self._call("GET", f"/v1/runs/{run_id}/checkpoints/diff", params=params)
 
     # ------------------------------------------------------------------ the Knap face
 
@@ -368,13 +348,11 @@ class AsyncServiceClient:
     ) -> dict[str, Any]:
         """``POST /api/knap-tools/run`` with ``stream_updates: false``: one body (message, tool_calls, chatId)."""
         body = self._knap_body(content, tool_types, chat_id, use_smart_cache, knap_tool_uuid, False)
-        result: dict[str, Any] = self._check(await self.http.post("/api/knap-tools/run", json=body))
-        return result
+        return await self._call("POST", "/api/knap-tools/run", json=body)
 
     async def knap_chat(self, chat_id: str) -> dict[str, Any]:
         """``GET /api/knap-tools/chats/{chat_id}``: a chat's transcript."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/api/knap-tools/chats/{chat_id}"))
-        return result
+        return await self._call("GET", f"/api/knap-tools/chats/{chat_id}")
 
     async def register_knap(
         self,
@@ -392,23 +370,19 @@ class AsyncServiceClient:
             body["instructions"] = instructions
         if description is not None:
             body["description"] = description
-        result: dict[str, Any] = self._check(await self.http.post("/api/knaps", json=body))
-        return result
+        return await self._call("POST", "/api/knaps", json=body)
 
     async def list_knaps(self) -> dict[str, Any]:
         """``GET /api/knaps``."""
-        result: dict[str, Any] = self._check(await self.http.get("/api/knaps"))
-        return result
+        return await self._call("GET", "/api/knaps")
 
     async def get_knap(self, knap_uuid: str) -> dict[str, Any]:
         """``GET /api/knaps/{knap_uuid}``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/api/knaps/{knap_uuid}"))
-        return result
+        return await self._call("GET", f"/api/knaps/{knap_uuid}")
 
     async def delete_knap(self, knap_uuid: str) -> dict[str, Any]:
         """``DELETE /api/knaps/{knap_uuid}``."""
-        result: dict[str, Any] = self._check(await self.http.delete(f"/api/knaps/{knap_uuid}"))
-        return result
+        return await self._call("DELETE", f"/api/knaps/{knap_uuid}")
 
     # ------------------------------------------------------------------ the Jobs face, webhooks, workspaces
 
@@ -428,8 +402,7 @@ class AsyncServiceClient:
         body = {"job_type": job_type, "prompt": prompt, "model": model, "workspace_path": workspace_path, **spec}
         payload = {"spec": {k: v for k, v in body.items() if v is not None}}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        result: dict[str, Any] = self._check(await self.http.post("/jobs", json=payload, headers=headers))
-        return result
+        return await self._call("POST", "/jobs", json=payload, headers=headers)
 
     async def list_jobs(
         self, *, status: str | None = None, job_type: str | None = None, page: int = 1, limit: int = 20
@@ -440,28 +413,23 @@ class AsyncServiceClient:
             params["status"] = status
         if job_type is not None:
             params["job_type"] = job_type
-        result: dict[str, Any] = self._check(await self.http.get("/jobs", params=params))
-        return result
+        return await self._call("GET", "/jobs", params=params)
 
     async def get_job(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{job_id}``: the job with its ``events``, ``artifacts`` and ``error``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}"))
-        return result
+        return await self._call("GET", f"/jobs/{job_id}")
 
     async def job_events(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{job_id}/events``: ``{"events": [{ts, stage, level, detail}]}``."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/events"))
-        return result
+        return await self._call("GET", f"/jobs/{job_id}/events")
 
     async def job_artifacts(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{job_id}/artifacts``: file name -> content (JSON parsed, text, or ``{"encoding": "base64"}``)."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/artifacts"))
-        return result
+        return await self._call("GET", f"/jobs/{job_id}/artifacts")
 
     async def job_cursor(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{job_id}/cursor``: ``{"events": [{type, …, timestamp}]}``, the agent's transcript."""
-        result: dict[str, Any] = self._check(await self.http.get(f"/jobs/{job_id}/cursor"))
-        return result
+        return await self._call("GET", f"/jobs/{job_id}/cursor")
 
     async def stream_job_cursor(
         self, job_id: str, last_event_id: str | None = None, max_reconnects: int = 10
@@ -478,38 +446,30 @@ class AsyncServiceClient:
         body = {"prompt": prompt, **spec}
         payload = {"spec": {k: v for k, v in body.items() if v is not None}}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        resp = await self.http.post(f"/jobs/{job_id}/continue", json=payload, headers=headers)
-        result: dict[str, Any] = self._check(resp)
-        return result
+        return await self._call("POST", f"/jobs/{job_id}/continue", json=payload, headers=headers)
 
     async def cleanup_job(self, job_id: str) -> dict[str, Any]:
         """``POST /jobs/{job_id}/cleanup``: delete the job's sandbox (and mark every job sharing it ``cleaned``)."""
-        result: dict[str, Any] = self._check(await self.http.post(f"/jobs/{job_id}/cleanup"))
-        return result
+        return await self._call("POST", f"/jobs/{job_id}/cleanup")
 
     async def create_webhook(self, url: str, events: list[str], secret: str) -> dict[str, Any]:
         """``POST /webhooks``: ``{id, url, events, created_at}`` (the secret is never echoed)."""
         body = {"url": url, "events": events, "secret": secret}
-        result: dict[str, Any] = self._check(await self.http.post("/webhooks", json=body))
-        return result
+        return await self._call("POST", "/webhooks", json=body)
 
     async def list_webhooks(self, *, page: int = 1, limit: int = 100) -> dict[str, Any]:
         """``GET /webhooks``: ``{"data": [webhook…], "pagination"}``."""
         params = {"page": page, "limit": limit}
-        result: dict[str, Any] = self._check(await self.http.get("/webhooks", params=params))
-        return result
+        return await self._call("GET", "/webhooks", params=params)
 
     async def delete_webhook(self, webhook_id: str) -> dict[str, Any]:
         """``DELETE /webhooks/{id}``: ``{id, deleted: true, deleted_at}``."""
-        result: dict[str, Any] = self._check(await self.http.delete(f"/webhooks/{webhook_id}"))
-        return result
+        return await self._call("DELETE", f"/webhooks/{webhook_id}")
 
     async def webhook_deliveries(self, webhook_id: str, *, page: int = 1, limit: int = 100) -> dict[str, Any]:
         """``GET /webhooks/{id}/deliveries``: the delivery log, newest first."""
         params = {"page": page, "limit": limit}
-        resp = await self.http.get(f"/webhooks/{webhook_id}/deliveries", params=params)
-        result: dict[str, Any] = self._check(resp)
-        return result
+        return await self._call("GET", f"/webhooks/{webhook_id}/deliveries", params=params)
 
     async def upload_workspace(
         self, archive: str | os.PathLike[str] | bytes, name: str | None = None, *, replace: bool = False
@@ -526,14 +486,12 @@ class AsyncServiceClient:
         if name is not None:
             form["name"] = name
         files = {"workspace": (filename, data, "application/gzip")}
-        result: dict[str, Any] = self._check(await self.http.post("/workspaces", data=form, files=files))
-        return result
+        return await self._call("POST", "/workspaces", data=form, files=files)
 
     async def list_workspaces(self, *, page: int = 1, limit: int = 20) -> dict[str, Any]:
         """``GET /workspaces``: ``{"data": [manifest…], "pagination"}``, by name."""
         params = {"page": page, "limit": limit}
-        result: dict[str, Any] = self._check(await self.http.get("/workspaces", params=params))
-        return result
+        return await self._call("GET", "/workspaces", params=params)
 
     async def stream_run(
         self, run_id: str, last_event_id: str | None = None, max_reconnects: int = 10
