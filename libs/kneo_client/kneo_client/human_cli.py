@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 import typer
 
-from kneo_client.remote import Profile, ServiceUrl
+from kneo_client.remote import Profile, ServiceUrl, call
 
 human_app = typer.Typer(help="Manage human-in-the-loop tasks", no_args_is_help=True)
 audit_app = typer.Typer(help="Read the audit log", no_args_is_help=True)
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _call(service_url: str | None, profile: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
-    from kneo_client import cli
-
-    return asyncio.run(cli._call(cli._remote(service_url, profile), fn, *args, **kwargs))
 
 
 def _print_task(task: dict[str, Any], as_json: bool) -> None:
@@ -46,7 +39,7 @@ def human_get(
     continuation_id: str, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None
 ) -> None:
     """Show one human task (its request, reviewers, deadline and decision)."""
-    _print_task(_call(service_url, profile, "get_human_task", continuation_id), as_json)
+    _print_task(call(service_url, profile, "get_human_task", continuation_id), as_json)
 
 
 @human_app.command("list")
@@ -67,7 +60,7 @@ def human_list(
         params["run_id"] = run_id
     if status:
         params["status"] = status
-    page = _call(service_url, profile, "list_human_tasks", **params)
+    page = call(service_url, profile, "list_human_tasks", **params)
     if as_json:
         _print_json(page)
         return
@@ -124,7 +117,7 @@ def human_resume(
     from kneo_client.remote import spinner
 
     with spinner(f"resuming {continuation_id} ({decision})…", quiet=as_json):
-        body = _call(
+        body = call(
             service_url,
             profile,
             "resume_human_task",
@@ -145,7 +138,7 @@ def human_sweep(as_json: AsJson = False, service_url: ServiceUrl = None, profile
     """Fire every due human-task timeout and run-level deadline now (admin; the service also does it by itself)."""
     from kneo_client.cli import _print_json, out
 
-    body = _call(service_url, profile, "sweep_human_tasks")
+    body = call(service_url, profile, "sweep_human_tasks")
     if as_json:
         _print_json(body)
         return
@@ -182,7 +175,7 @@ def audit_list(
         "until": until,
     }
     params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None}
-    page = _call(service_url, profile, "list_audit_events", limit=limit, offset=offset, **params)
+    page = call(service_url, profile, "list_audit_events", limit=limit, offset=offset, **params)
     if as_json:
         _print_json(page)
         return

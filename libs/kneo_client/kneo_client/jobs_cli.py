@@ -14,7 +14,17 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from kneo_client.remote import EXIT_FAILED, EXIT_USAGE, Profile, ServiceUrl, connection, fail, spinner, with_client
+from kneo_client.remote import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Profile,
+    ServiceUrl,
+    call,
+    connection,
+    fail,
+    spinner,
+    with_client,
+)
 from kneo_client.remote import table as make_table
 
 jobs_app = typer.Typer(help="Submit and watch jobs (the Jobs face)", no_args_is_help=True)
@@ -24,10 +34,6 @@ workspaces_app = typer.Typer(help="Upload file trees that jobs can mount", no_ar
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (one item per line when following).")]
 JobId = Annotated[str, typer.Argument(help="The job's id (job_…).")]
 ENDED = ("completed", "failed", "cancelled", "cleaned")
-
-
-def _call(service_url: str | None, profile: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
-    return asyncio.run(with_client(connection(service_url, profile), lambda c: getattr(c, fn)(*args, **kwargs)))
 
 
 def _json(value: Any) -> None:
@@ -160,7 +166,7 @@ def jobs_list(
     profile: Profile = None,
 ) -> None:
     """List jobs, newest first."""
-    body = _call(service_url, profile, "list_jobs", status=status, job_type=job_type, page=page, limit=limit)
+    body = call(service_url, profile, "list_jobs", status=status, job_type=job_type, page=page, limit=limit)
     if as_json:
         _json(body)
         return
@@ -175,7 +181,7 @@ def jobs_list(
 @jobs_app.command("get")
 def jobs_get(job_id: JobId, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None) -> None:
     """Show a job: status, sandbox, times, error and artifact names."""
-    job = _call(service_url, profile, "get_job", job_id)
+    job = call(service_url, profile, "get_job", job_id)
     if as_json:
         _json(job)
     else:
@@ -187,7 +193,7 @@ def jobs_events(
     job_id: JobId, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None
 ) -> None:
     """A job's stages (queued, sandbox_created, agent_started, …, completed)."""
-    body = _call(service_url, profile, "job_events", job_id)
+    body = call(service_url, profile, "job_events", job_id)
     if as_json:
         _json(body)
         return
@@ -207,7 +213,7 @@ def jobs_artifacts(
     profile: Profile = None,
 ) -> None:
     """A job's files: their names (and sizes), the whole answer with --json, or the files themselves with --out."""
-    files: dict[str, Any] = _call(service_url, profile, "job_artifacts", job_id)
+    files: dict[str, Any] = call(service_url, profile, "job_artifacts", job_id)
     written: list[str] = []
     skipped: dict[str, str] = {}
     if out_dir is not None:
@@ -268,7 +274,7 @@ def jobs_cursor(
     """The agent's transcript (tool calls, files, messages); --follow streams it live (resuming after a dropped
     connection) until the job ends."""
     if not follow:
-        body = _call(service_url, profile, "job_cursor", job_id)
+        body = call(service_url, profile, "job_cursor", job_id)
         if as_json:
             _json(body)
         else:
@@ -303,7 +309,7 @@ def jobs_cleanup(
     job_id: JobId, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None
 ) -> None:
     """Delete a job's sandbox for good (every job sharing it becomes ``cleaned``)."""
-    body = _call(service_url, profile, "cleanup_job", job_id)
+    body = call(service_url, profile, "cleanup_job", job_id)
     if as_json:
         _json(body)
     else:
@@ -331,7 +337,7 @@ def webhooks_add(
     if not secret:
         fail("give the signing secret with --secret or KNEO_WEBHOOK_SECRET (16-256 characters)", EXIT_USAGE)
     events = event or ["job.completed", "job.failed", "job.cancelled"]
-    made = _call(service_url, profile, "create_webhook", url, events, secret)
+    made = call(service_url, profile, "create_webhook", url, events, secret)
     if as_json:
         _json(made)
     else:
@@ -347,7 +353,7 @@ def webhooks_list(
     profile: Profile = None,
 ) -> None:
     """List the registered webhooks, newest first."""
-    body = _call(service_url, profile, "list_webhooks", page=page, limit=limit)
+    body = call(service_url, profile, "list_webhooks", page=page, limit=limit)
     if as_json:
         _json(body)
         return
@@ -362,7 +368,7 @@ def webhooks_delete(
     webhook_id: str, as_json: AsJson = False, service_url: ServiceUrl = None, profile: Profile = None
 ) -> None:
     """Delete a webhook (its delivery log stays readable)."""
-    body = _call(service_url, profile, "delete_webhook", webhook_id)
+    body = call(service_url, profile, "delete_webhook", webhook_id)
     if as_json:
         _json(body)
     else:
@@ -379,7 +385,7 @@ def webhooks_deliveries(
     profile: Profile = None,
 ) -> None:
     """A webhook's delivery log, newest first."""
-    body = _call(service_url, profile, "webhook_deliveries", webhook_id, page=page, limit=limit)
+    body = call(service_url, profile, "webhook_deliveries", webhook_id, page=page, limit=limit)
     if as_json:
         _json(body)
         return
@@ -421,7 +427,7 @@ def workspaces_upload(
     else:
         archive = str(source)
     with spinner("uploading…", quiet=as_json):
-        made = _call(service_url, profile, "upload_workspace", archive, name, replace=replace)
+        made = call(service_url, profile, "upload_workspace", archive, name, replace=replace)
     if as_json:
         _json(made)
     else:
@@ -437,7 +443,7 @@ def workspaces_list(
     profile: Profile = None,
 ) -> None:
     """List the uploaded workspaces."""
-    body = _call(service_url, profile, "list_workspaces", page=page, limit=limit)
+    body = call(service_url, profile, "list_workspaces", page=page, limit=limit)
     if as_json:
         _json(body)
         return

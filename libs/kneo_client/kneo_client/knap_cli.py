@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from kneo_client.remote import Profile, ServiceUrl, connection, with_client
+from kneo_client.remote import Profile, ServiceUrl, call, connection, with_client
 
 knap_app = typer.Typer(help="Run Knaps (agents with connectors) on the Knap face", no_args_is_help=True)
 
@@ -17,10 +17,6 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (one event per 
 Tools = Annotated[
     list[str] | None, typer.Option("--tool", "-t", help="A connector (tool_type), e.g. gmail; repeat for more.")
 ]
-
-
-def _call(service_url: str | None, profile: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
-    return asyncio.run(with_client(connection(service_url, profile), lambda c: getattr(c, fn)(*args, **kwargs)))
 
 
 @knap_app.command("run")
@@ -76,7 +72,7 @@ def knap_chat(chat_id: str, as_json: AsJson = False, service_url: ServiceUrl = N
     """Show a chat's transcript."""
     from kneo_client.cli import _print_json, out
 
-    chat = _call(service_url, profile, "knap_chat", chat_id)
+    chat = call(service_url, profile, "knap_chat", chat_id)
     if as_json:
         _print_json(chat)
         return
@@ -98,7 +94,7 @@ def knap_register(
     """Register a pre-configured Knap; prints its uuid (run it with `kneo knap run --knap <uuid>`)."""
     from kneo_client.cli import _print_json, out
 
-    made = _call(service_url, profile, "register_knap", name, tool or [], instructions, description)
+    made = call(service_url, profile, "register_knap", name, tool or [], instructions, description)
     if as_json:
         _print_json(made)
     else:
@@ -110,7 +106,7 @@ def knap_list(as_json: AsJson = False, service_url: ServiceUrl = None, profile: 
     """List the registered Knaps."""
     from kneo_client.cli import _print_json, out
 
-    page = _call(service_url, profile, "list_knaps")
+    page = call(service_url, profile, "list_knaps")
     if as_json:
         _print_json(page)
         return
@@ -129,7 +125,7 @@ def knap_show(knap_uuid: str, as_json: AsJson = False, service_url: ServiceUrl =
     """Show one registered Knap."""
     from kneo_client.cli import _print_json
 
-    _print_json(_call(service_url, profile, "get_knap", knap_uuid))
+    _print_json(call(service_url, profile, "get_knap", knap_uuid))
 
 
 @knap_app.command("delete")
@@ -139,7 +135,7 @@ def knap_delete(
     """Delete a registered Knap."""
     from kneo_client.cli import _print_json, out
 
-    body = _call(service_url, profile, "delete_knap", knap_uuid)
+    body = call(service_url, profile, "delete_knap", knap_uuid)
     if as_json:
         _print_json(body)
     else:

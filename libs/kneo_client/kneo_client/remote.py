@@ -145,3 +145,10 @@ def table(*columns: str) -> Any:
     if on_terminal():
         return Table(*columns)
     return Table(*columns, box=None, show_edge=False, pad_edge=False)
+
+
+def call(service_url: str | None, profile: str | None, fn: str, *args: Any, **kwargs: Any) -> Any:
+    """Run one SDK method (``AsyncServiceClient.<fn>``) against the service of ``--service-url`` / ``--profile``."""
+    import asyncio
+
+    return asyncio.run(with_client(connection(service_url, profile), lambda c: getattr(c, fn)(*args, **kwargs)))
